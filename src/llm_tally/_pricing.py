@@ -1,0 +1,146 @@
+"""Exact cost of a call, from genai-prices' price data (no price table of our own)."""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from genai_prices import Usage, calc_price
+from genai_prices.types import ModelPrice
+
+from ._money import usd_to_nano
+
+COST_GENAI_PRICES = "genai-prices"
+COST_BASE_MODEL = "genai-prices:base-model"  # a dated snapshot priced as its base model
+COST_CUSTOM = "custom"
+COST_GIVEN = "given"
+COST_UNKNOWN = "unknown"  # no price found: cost is NULL, never a silent zero
+
+# Provider name recorded for an OpenAI-compatible server genai-prices does not know.
+UNKNOWN_PROVIDER = "openai-compatible"
+
+# gpt-4o-mini-2099-01-01 -> gpt-4o-mini, gpt-4-0613 -> gpt-4, o3-mini-20250131 -> o3-mini
+_SNAPSHOT_SUFFIX = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{8}|\d{4})$")
+_ONE_MILLION = Decimal(1_000_000)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenUsage:
+    """Token counts in OpenAI's convention: ``input_tokens`` includes cached and cache-write tokens."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+
+
+def base_model(model: str) -> str | None:
+    """The undated model name of a dated snapshot, or None if ``model`` has no date suffix."""
+    stripped = _SNAPSHOT_SUFFIX.sub("", model)
+    return stripped if stripped != model else None
+
+
+class Pricer:
+    """Looks up prices: custom prices first, then genai-prices, then the base model."""
+
+    def __init__(self) -> None:
+        self._custom: dict[str, ModelPrice] = {}
+        self._lock = threading.Lock()
+
+    def set_price(
+        self,
+        model: str,
+        *,
+        input_per_mtok: Decimal | str | int,
+        output_per_mtok: Decimal | str | int,
+        cached_input_per_mtok: Decimal | str | int | None = None,
+        cache_write_per_mtok: Decimal | str | int | None = None,
+    ) -> None:
+        """Price ``model`` (exact name, case-insensitive) in USD per million tokens."""
+        if not isinstance(model, str) or not model:
+            raise ValueError("model must be a non-empty string")
+        prices = {
+            "input_mtok": input_per_mtok,
+            "output_mtok": output_per_mtok,
+            "cache_read_mtok": cached_input_per_mtok,
+            "cache_write_mtok": cache_write_per_mtok,
+        }
+        checked: dict[str, Decimal | None] = {}
+        for key, value in prices.items():
+            if value is None:
+                checked[key] = None
+                continue
+            if isinstance(value, float | bool) or not isinstance(value, Decimal | str | int):
+                raise ValueError(
+                    f"{key.replace('_mtok', '_per_mtok')} must be a Decimal, str or int "
+                    f"(floats are inexact), got {value!r}"
+                )
+            try:
+                amount = Decimal(value)
+            except ArithmeticError:
+                raise ValueError(f"{key.replace('_mtok', '_per_mtok')} is not a number: {value!r}")
+            if not amount.is_finite() or amount < 0:
+                raise ValueError(f"{key.replace('_mtok', '_per_mtok')} must be >= 0, got {value!r}")
+            checked[key] = amount
+        with self._lock:
+            self._custom = {**self._custom, model.lower(): ModelPrice(**checked)}
+
+    def cost_nano_usd(
+        self,
+        provider: str,
+        models: tuple[str | None, ...],
+        usage: TokenUsage,
+        when: datetime | None = None,
+        base_url: str | None = None,
+    ) -> tuple[int | None, str]:
+        """The cost in nano-USD and where it came from; ``(None, "unknown")`` when unpriced."""
+        genai_usage = Usage(
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            cache_read_tokens=usage.cached_input_tokens,
+            cache_write_tokens=usage.cache_write_tokens,
+        )
+        names = [m for m in models if m]
+        custom = self._custom
+        for name in names:
+            price = custom.get(name.lower())
+            if price is not None:
+                return usd_to_nano(price.calc_price(genai_usage)["total_price"]), COST_CUSTOM
+        when = when or datetime.now(tz=UTC)
+        for name in names:
+            total = _genai_price(genai_usage, name, provider, base_url, when)
+            if total is not None:
+                return usd_to_nano(total), COST_GENAI_PRICES
+        for name in names:
+            base = base_model(name)
+            if base is None:
+                continue
+            total = _genai_price(genai_usage, base, provider, base_url, when)
+            if total is not None:
+                return usd_to_nano(total), COST_BASE_MODEL
+        return None, COST_UNKNOWN
+
+
+def _genai_price(
+    usage: Usage, model: str, provider: str, base_url: str | None, when: datetime
+) -> Decimal | None:
+    # A known provider id prices exactly; an unknown OpenAI-compatible server is matched by
+    # its URL if genai-prices knows it, else by the model name alone.
+    attempts: list[dict[str, str]]
+    if provider and provider != UNKNOWN_PROVIDER:
+        attempts = [{"provider_id": provider}]
+    else:
+        # An unknown OpenAI-compatible server: genai-prices may know it by URL, or guess the
+        # provider from the model name; OpenAI's own price is the last resort for OpenAI names.
+        attempts = [{"provider_api_url": base_url}] if base_url else []
+        attempts += [{}, {"provider_id": "openai"}]
+    for kwargs in attempts:
+        try:
+            result = calc_price(usage, model, genai_request_timestamp=when, **kwargs)  # type: ignore[arg-type]
+        except LookupError:
+            continue
+        return result.total_price
+    return None

@@ -1,0 +1,390 @@
+"""The Tally: one store, its background writer, and the Python API over it."""
+
+from __future__ import annotations
+
+import atexit
+import threading
+import time
+from datetime import date, datetime
+from decimal import Decimal, InvalidOperation
+from types import TracebackType
+from typing import Any, Literal
+
+from sqlalchemy import Engine
+
+from . import _pricing
+from ._internal import guard, logger
+from ._money import usd_to_nano
+from ._record import (
+    STATUS_ABORTED,
+    STATUS_ERROR,
+    STATUS_OK,
+    USAGE_MANUAL,
+    CallRecord,
+    new_record_id,
+)
+from ._scope import OpenCall
+from ._time import TimeBound, bound_to_epoch_us, from_epoch_us, to_epoch_us
+from ._validation import check_properties, check_user_id
+from .storage.engine import create_store_engine, create_tables, resolve_database_url
+from .storage.queries import ORDER_BY_VALUES, OrderBy, UserTotals
+from .storage.queries import user_totals as _user_totals
+from .storage.queries import users as _users
+from .storage.writer import BackgroundWriter, Row
+
+InjectStreamUsage = bool | Literal["auto"]
+
+_registry_lock = threading.RLock()
+_open_tallies: list[Tally] = []
+
+
+def default_tally() -> Tally | None:
+    """The process default: the earliest-created Tally that is still open."""
+    return _open_tallies[0] if _open_tallies else None
+
+
+class Tally:
+    """Records every instrumented LLM call into a SQLModel store and answers usage questions.
+
+    ``Tally()`` stores into ``$LLM_TALLY_DATABASE_URL`` or the SQLite file ``./llm_tally.db``;
+    pass any SQLAlchemy URL for another store. Creating a Tally instruments the OpenAI SDK
+    (once per process); closing the last open Tally undoes it. A call is recorded by the
+    Tally bound to its context (``user(..., tally=t)`` or the middleware), else by the
+    process default: the earliest-created Tally still open.
+
+    ``inject_stream_usage`` asks chat streams for a final usage chunk (and hides that chunk
+    from callers who did not ask for it): ``"auto"`` does so for OpenAI's own API only.
+    """
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        *,
+        instrument: bool = True,
+        inject_stream_usage: InjectStreamUsage = "auto",
+        create_tables: bool = True,
+        max_queue: int = 100_000,
+        batch_size: int = 2_000,
+        flush_interval: float = 0.05,
+    ) -> None:
+        if inject_stream_usage not in (True, False, "auto"):
+            raise ValueError("inject_stream_usage must be True, False or 'auto'")
+        for name, value in (("max_queue", max_queue), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(flush_interval, int | float) or flush_interval <= 0:
+            raise ValueError(f"flush_interval must be a positive number, got {flush_interval!r}")
+        self.database_url = resolve_database_url(database_url)
+        self.inject_stream_usage: InjectStreamUsage = inject_stream_usage
+        self.engine: Engine = create_store_engine(self.database_url)
+        if create_tables:
+            _create_tables(self.engine)
+        self._pricer = _pricing.Pricer()
+        self._open_calls: set[OpenCall] = set()
+        self._open_calls_lock = threading.Lock()
+        self._writer = BackgroundWriter(
+            self.engine,
+            self._to_row,
+            max_queue=max_queue,
+            batch_size=batch_size,
+            interval=flush_interval,
+        )
+        self._closed = False
+        self._instrumented = False
+        with _registry_lock:
+            _open_tallies.append(self)
+        if instrument:
+            from .integrations.openai import instrument_openai
+
+            instrument_openai()
+            self._instrumented = True
+
+    # -- recording ---------------------------------------------------------------------------
+
+    def submit(self, record: CallRecord) -> None:
+        """Queue a finished call for storage (internal: used by the integrations)."""
+        self._writer.submit(record)
+
+    def track_open_call(self, call: OpenCall) -> None:
+        with self._open_calls_lock:
+            self._open_calls.add(call)
+
+    def untrack_open_call(self, call: OpenCall) -> None:
+        with self._open_calls_lock:
+            self._open_calls.discard(call)
+
+    def record(
+        self,
+        *,
+        user_id: str | int | None,
+        model: str,
+        provider: str = "openai",
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        cached_input_tokens: int = 0,
+        cache_write_tokens: int = 0,
+        reasoning_tokens: int = 0,
+        cost_usd: Decimal | int | str | None = None,
+        ts: datetime | date | None = None,
+        properties: dict[str, Any] | None = None,
+        operation: str = "manual",
+        status: str = STATUS_OK,
+        latency_ms: int | None = None,
+        record_id: str | None = None,
+    ) -> str:
+        """Store a call made outside the instrumented SDKs (another provider, a batch job).
+
+        Token counts follow OpenAI's convention (``input_tokens`` includes cached tokens).
+        The cost is computed from genai-prices when ``cost_usd`` is not given. Returns the
+        record id.
+        """
+        checked_user = check_user_id(user_id)
+        if not isinstance(model, str) or not model or len(model) > 256:
+            raise ValueError("model must be a non-empty string of at most 256 characters")
+        if not isinstance(provider, str) or not provider or len(provider) > 64:
+            raise ValueError("provider must be a non-empty string of at most 64 characters")
+        if not isinstance(operation, str) or not operation or len(operation) > 32:
+            raise ValueError("operation must be a non-empty string of at most 32 characters")
+        if status not in (STATUS_OK, STATUS_ERROR, STATUS_ABORTED):
+            raise ValueError(f"status must be one of 'ok', 'error', 'aborted', got {status!r}")
+        tokens = {
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+            "cached_input_tokens": cached_input_tokens,
+            "cache_write_tokens": cache_write_tokens,
+            "reasoning_tokens": reasoning_tokens,
+        }
+        for name, value in tokens.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if cached_input_tokens + cache_write_tokens > input_tokens:
+            raise ValueError(
+                "input_tokens must include cached_input_tokens and cache_write_tokens "
+                f"(got input_tokens={input_tokens}, cached_input_tokens={cached_input_tokens}, "
+                f"cache_write_tokens={cache_write_tokens})"
+            )
+        if reasoning_tokens > output_tokens:
+            raise ValueError("output_tokens must include reasoning_tokens")
+        cost_nano: int | None = None
+        if cost_usd is not None:
+            if isinstance(cost_usd, float | bool) or not isinstance(cost_usd, Decimal | int | str):
+                raise ValueError(
+                    f"cost_usd must be a Decimal, int or str (floats are inexact), got {cost_usd!r}"
+                )
+            try:
+                amount = Decimal(cost_usd)
+            except InvalidOperation:
+                raise ValueError(f"cost_usd is not a number: {cost_usd!r}") from None
+            if not amount.is_finite() or amount < 0:
+                raise ValueError(f"cost_usd must be >= 0, got {cost_usd!r}")
+            cost_nano = usd_to_nano(amount)
+        if latency_ms is not None and (
+            isinstance(latency_ms, bool) or not isinstance(latency_ms, int) or latency_ms < 0
+        ):
+            raise ValueError(f"latency_ms must be an int >= 0, got {latency_ms!r}")
+        if record_id is not None and (
+            not isinstance(record_id, str) or not 1 <= len(record_id) <= 32
+        ):
+            raise ValueError("record_id must be a string of 1 to 32 characters")
+        record = CallRecord(
+            id=record_id or new_record_id(),
+            ts_us=to_epoch_us(ts, "ts") if ts is not None else time.time_ns() // 1000,
+            user_id=checked_user,
+            properties=check_properties(properties or {}),
+            provider=provider,
+            operation=operation,
+            request_model=model,
+            response_model=model,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cached_input_tokens=cached_input_tokens,
+            cache_write_tokens=cache_write_tokens,
+            reasoning_tokens=reasoning_tokens,
+            cost_nano_usd=cost_nano,
+            cost_source=_pricing.COST_GIVEN if cost_nano is not None else None,
+            latency_us=latency_ms * 1000 if latency_ms is not None else None,
+            status=status,
+            usage_source=USAGE_MANUAL,
+        )
+        self._writer.submit(record)
+        return record.id
+
+    def set_price(
+        self,
+        model: str,
+        *,
+        input_per_mtok: Decimal | str | int,
+        output_per_mtok: Decimal | str | int,
+        cached_input_per_mtok: Decimal | str | int | None = None,
+        cache_write_per_mtok: Decimal | str | int | None = None,
+    ) -> None:
+        """Register a price (USD per million tokens) for a model genai-prices does not know.
+
+        Custom prices win over genai-prices. They apply to calls stored from now on.
+        """
+        self._pricer.set_price(
+            model,
+            input_per_mtok=input_per_mtok,
+            output_per_mtok=output_per_mtok,
+            cached_input_per_mtok=cached_input_per_mtok,
+            cache_write_per_mtok=cache_write_per_mtok,
+        )
+
+    def _to_row(self, record: CallRecord) -> Row | None:
+        """Resolve and price a record (writer thread); None drops a record we cannot store."""
+        if record.resolve is not None:
+            resolve, record.resolve = record.resolve, None
+            guard("resolve usage", resolve, record)
+        if record.cost_nano_usd is None:
+            priced = guard(
+                "pricing",
+                self._pricer.cost_nano_usd,
+                record.provider,
+                (record.response_model, record.request_model),
+                _pricing.TokenUsage(
+                    record.input_tokens,
+                    record.output_tokens,
+                    record.cached_input_tokens,
+                    record.cache_write_tokens,
+                ),
+                from_epoch_us(record.ts_us),
+                record.base_url,
+            )
+            record.cost_nano_usd, record.cost_source = priced or (None, _pricing.COST_UNKNOWN)
+        return {
+            "id": record.id,
+            "ts": record.ts_us,
+            "user_id": record.user_id,
+            "properties": record.properties,
+            "provider": record.provider,
+            "operation": record.operation,
+            "request_model": record.request_model,
+            "response_model": record.response_model,
+            "input_tokens": record.input_tokens,
+            "output_tokens": record.output_tokens,
+            "cached_input_tokens": record.cached_input_tokens,
+            "cache_write_tokens": record.cache_write_tokens,
+            "reasoning_tokens": record.reasoning_tokens,
+            "cost_nano_usd": record.cost_nano_usd,
+            "cost_source": record.cost_source or _pricing.COST_UNKNOWN,
+            "latency_us": record.latency_us,
+            "ttft_us": record.ttft_us,
+            "status": record.status,
+            "error_type": record.error_type,
+            "http_status": record.http_status,
+            "retries": record.retries,
+            "usage_source": record.usage_source,
+            "request_id": record.request_id,
+        }
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def user_totals(
+        self, user_id: str | int | None, since: TimeBound = None, until: TimeBound = None
+    ) -> UserTotals:
+        """One user's totals for ``[since, until)``; datetimes are UTC when naive.
+
+        ``user_id=None`` gives the calls made outside any user context. Only stored records
+        count: call :meth:`flush` first to include calls that just happened.
+        """
+        return _user_totals(
+            self.engine,
+            check_user_id(user_id),
+            bound_to_epoch_us(since, "since"),
+            bound_to_epoch_us(until, "until"),
+        )
+
+    def users(
+        self,
+        since: TimeBound = None,
+        until: TimeBound = None,
+        order_by: OrderBy = "cost",
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[UserTotals]:
+        """Per-user totals for ``[since, until)``, largest first by ``order_by``."""
+        if order_by not in ORDER_BY_VALUES:
+            raise ValueError(f"order_by must be one of {', '.join(ORDER_BY_VALUES)}; got {order_by!r}")
+        for name, value, low in (("limit", limit, 1), ("offset", offset, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        return _users(
+            self.engine,
+            bound_to_epoch_us(since, "since"),
+            bound_to_epoch_us(until, "until"),
+            order_by,
+            min(limit, 10_000),
+            offset,
+        )
+
+    def stats(self) -> dict[str, Any]:
+        """Health of the writer: queue depth, records written and dropped, last write error."""
+        s = self._writer.stats
+        return {
+            "queue_depth": self._writer.depth,
+            "written": s.written,
+            "dropped": s.dropped,
+            "write_errors": s.write_errors,
+            "last_write_error": s.last_write_error,
+            "open_streams": len(self._open_calls),
+        }
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def flush(self, timeout: float | None = 30.0) -> bool:
+        """Block until every call recorded so far is stored. False if ``timeout`` ran out."""
+        return self._writer.flush(timeout)
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Record still-open streams as aborted, flush, stop the writer, release the store."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._open_calls_lock:
+            open_calls = list(self._open_calls)
+        for call in open_calls:
+            guard("abort open call", call.abort)
+        with _registry_lock:
+            if self in _open_tallies:
+                _open_tallies.remove(self)
+            last = self._instrumented and not any(t._instrumented for t in _open_tallies)
+        if last:
+            from .integrations.openai import uninstrument_openai
+
+            uninstrument_openai()
+        if not self._writer.close(timeout):
+            logger.warning(
+                "llm-tally: %d record(s) were not stored before close() gave up after %ss",
+                self._writer.depth,
+                timeout,
+            )
+        self.engine.dispose()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> Tally:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Tally {self.database_url!r}{' closed' if self._closed else ''}>"
+
+
+def _create_tables(engine: Engine) -> None:
+    create_tables(engine)
+
+
+@atexit.register
+def _close_open_tallies() -> None:
+    # Records still queued at interpreter exit are stored (bounded wait) rather than lost.
+    for tally in list(_open_tallies):
+        guard("close at exit", tally.close, 10.0)

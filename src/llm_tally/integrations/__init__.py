@@ -1,0 +1,1 @@
+"""One module per instrumented LLM client library."""

@@ -1,0 +1,764 @@
+"""OpenAI SDK integration: every call of every OpenAI client becomes a usage record.
+
+All REST calls of the SDK (``OpenAI``, ``AsyncOpenAI``, ``AzureOpenAI``, ``with_options()``
+copies, ``with_raw_response`` / ``with_streaming_response``, the ``.parse()`` and
+``.stream()`` helpers) pass through ``SyncAPIClient.request`` / ``AsyncAPIClient.request``.
+Wrapping those two methods at class level sees every call exactly once (retries
+included), also on clients created before instrumentation. They are private names: the
+supported SDK range is pinned in pyproject.toml and ``tests/test_openai_funnel.py`` fails
+loudly if the funnel moves.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import httpx2
+from openai import APIStatusError, AsyncStream, Omit, Stream
+from openai._base_client import AsyncAPIClient, SyncAPIClient
+from openai._constants import RAW_RESPONSE_HEADER
+from openai._legacy_response import LegacyAPIResponse
+from openai._response import BaseAPIResponse
+from openai.lib.azure import AsyncAzureOpenAI, AzureOpenAI
+
+from .._context import current_scope
+from .._internal import guard, logger
+from .._pricing import UNKNOWN_PROVIDER
+from .._record import (
+    STATUS_ABORTED,
+    STATUS_ERROR,
+    STATUS_OK,
+    USAGE_ESTIMATED,
+    CallRecord,
+    new_record_id,
+)
+from .._tokens import count_prompt, count_text
+from .._validation import check_properties, check_user_id
+from .openai_usage import Usage, read_body, read_usage
+
+if TYPE_CHECKING:
+    from .._tally import Tally
+
+OPERATIONS = {
+    "/chat/completions": "chat",
+    "/responses": "responses",
+    "/embeddings": "embeddings",
+    "/completions": "completions",
+}
+_STREAM_USAGE_OPERATIONS = ("chat", "completions")
+_RESPONSES_TERMINAL = ("response.completed", "response.incomplete", "response.failed")
+_HELICONE_USER = "helicone-user-id"
+_HELICONE_PROPERTY = "helicone-property-"
+_TAIL_BYTES = 64 * 1024
+COST_NOT_BILLED = "not-billed"
+T = TypeVar("T")
+
+# The call in flight in this task/thread, so the _process_response hook can attach to it.
+_active_call: ContextVar[_Call | None] = ContextVar("llm_tally_openai_call", default=None)
+_originals: dict[tuple[type[Any], str], Any] = {}
+
+
+# -- install / uninstall ---------------------------------------------------------------------
+
+
+def instrument_openai() -> bool:
+    """Instrument the OpenAI SDK for this process. Idempotent; True if it was not yet installed."""
+    if _originals:
+        return False
+    _patch(SyncAPIClient, "request", _wrap_sync_request)
+    _patch(AsyncAPIClient, "request", _wrap_async_request)
+    _patch(SyncAPIClient, "_process_response", _wrap_process_response)
+    _patch(AsyncAPIClient, "_process_response", _wrap_async_process_response)
+    return True
+
+
+def uninstrument_openai() -> bool:
+    """Undo :func:`instrument_openai`. Idempotent; True if it was installed."""
+    if not _originals:
+        return False
+    for (cls, name), original in list(_originals.items()):
+        setattr(cls, name, original)
+    _originals.clear()
+    return True
+
+
+def is_openai_instrumented() -> bool:
+    return bool(_originals)
+
+
+def _patch(cls: type[Any], name: str, make_wrapper: Any) -> None:
+    original = cls.__dict__[name]
+    _originals[(cls, name)] = original
+    wrapper = make_wrapper(original)
+    functools.update_wrapper(wrapper, original)
+    wrapper.__llm_tally_original__ = original
+    setattr(cls, name, wrapper)
+
+
+# -- the wrappers ----------------------------------------------------------------------------
+
+
+def _wrap_sync_request(original: Any) -> Any:
+    def request(self: Any, cast_to: Any, options: Any, *args: Any, **kwargs: Any) -> Any:
+        call = guard("begin call", _Call.begin, self, options, kwargs.get("stream", False))
+        if call is None:
+            return original(self, cast_to, options, *args, **kwargs)
+        token = _active_call.set(call)
+        try:
+            result = original(self, cast_to, call.options, *args, **kwargs)
+        except BaseException as exc:
+            guard("record failed call", call.fail, exc)
+            raise
+        finally:
+            _active_call.reset(token)
+        guard("observe result", call.observe_result, result)
+        return result
+
+    return request
+
+
+def _wrap_async_request(original: Any) -> Any:
+    async def request(self: Any, cast_to: Any, options: Any, *args: Any, **kwargs: Any) -> Any:
+        call = guard("begin call", _Call.begin, self, options, kwargs.get("stream", False))
+        if call is None:
+            return await original(self, cast_to, options, *args, **kwargs)
+        token = _active_call.set(call)
+        try:
+            result = await original(self, cast_to, call.options, *args, **kwargs)
+        except BaseException as exc:
+            guard("record failed call", call.fail, exc)
+            raise
+        finally:
+            _active_call.reset(token)
+        guard("observe result", call.observe_result, result)
+        return result
+
+    return request
+
+
+def _note_response(kwargs: dict[str, Any]) -> None:
+    call = _active_call.get()
+    if call is not None:
+        call.http_status = kwargs["response"].status_code
+        call.request_id = kwargs["response"].headers.get("x-request-id")
+        call.retries = kwargs.get("retries_taken", 0)
+
+
+def _wrap_process_response(original: Any) -> Any:
+    def _process_response(self: Any, **kwargs: Any) -> Any:
+        guard("note response", _note_response, kwargs)
+        return original(self, **kwargs)
+
+    return _process_response
+
+
+def _wrap_async_process_response(original: Any) -> Any:
+    async def _process_response(self: Any, **kwargs: Any) -> Any:
+        guard("note response", _note_response, kwargs)
+        return await original(self, **kwargs)
+
+    return _process_response
+
+
+# -- one call --------------------------------------------------------------------------------
+
+
+def _provider(client: Any) -> tuple[str, str]:
+    base_url = str(client.base_url)
+    if isinstance(client, AzureOpenAI | AsyncAzureOpenAI):
+        return "azure", base_url
+    if client.base_url.host == "api.openai.com":
+        return "openai", base_url
+    return UNKNOWN_PROVIDER, base_url
+
+
+def _retries_from(request: Any) -> int:
+    try:
+        return int(request.headers.get("x-stainless-retry-count", 0))
+    except (AttributeError, ValueError):
+        return 0
+
+
+class _Call:
+    """One logical SDK call, from ``request()`` to its last streamed byte."""
+
+    __slots__ = (
+        "__weakref__",
+        "body",
+        "finished",
+        "hide_usage_chunk",
+        "http_status",
+        "model",
+        "operation",
+        "options",
+        "output_parts",
+        "properties",
+        "provider",
+        "base_url",
+        "pulling",
+        "request_id",
+        "retries",
+        "saw_end",
+        "scope",
+        "start",
+        "stream_attached",
+        "tally",
+        "ts_us",
+        "ttft_us",
+        "usage",
+        "user_id",
+        "response_model",
+        "status",
+        "error_type",
+        "is_async",
+        "raw_finish",
+    )
+
+    def __init__(self) -> None:
+        self.http_status: int | None = None
+        self.request_id: str | None = None
+        self.retries = 0
+        self.usage: Usage | None = None
+        self.response_model: str | None = None
+        self.output_parts: list[str] = []
+        self.ttft_us: int | None = None
+        self.saw_end = False
+        self.finished = False
+        self.pulling = False
+        self.stream_attached = False
+        self.hide_usage_chunk = False
+        self.status = STATUS_OK
+        self.error_type: str | None = None
+        self.raw_finish: Any = None
+
+    @classmethod
+    def begin(cls, client: Any, options: Any, stream: bool) -> _Call | None:
+        """Start observing, or None when the call is not one we record."""
+        operation = OPERATIONS.get(options.url)
+        if operation is None or options.method.lower() != "post":
+            return None
+        scope = current_scope.get()
+        tally: Tally | None = scope.tally if scope is not None else None
+        if tally is None:
+            from .._tally import default_tally
+
+            tally = default_tally()
+        if tally is None or tally.closed:
+            return None
+        call = cls()
+        call.start = time.perf_counter()
+        call.ts_us = time.time_ns() // 1000
+        call.tally = tally
+        call.scope = scope
+        call.operation = operation
+        call.user_id = scope.user_id if scope is not None else None
+        call.properties = scope.properties if scope is not None else {}
+        body = options.json_data if isinstance(options.json_data, Mapping) else {}
+        call.body = body
+        model = body.get("model")
+        call.model = model if isinstance(model, str) else None
+        call.provider, call.base_url = _provider(client)
+        call.is_async = isinstance(client, AsyncAPIClient)
+        headers = options.headers if isinstance(options.headers, Mapping) else {}
+        client_headers = getattr(client, "_custom_headers", None) or {}
+        if _has_helicone(headers) or _has_helicone(client_headers):
+            options = call._take_helicone_headers(options, client_headers, headers)
+            headers = options.headers
+        if call.user_id is None:
+            for key in ("safety_identifier", "user"):
+                value = body.get(key)
+                if isinstance(value, str) and value:
+                    call.user_id = _valid_or_none(check_user_id, value, key)
+                    if call.user_id is not None:
+                        break
+        if stream and operation in _STREAM_USAGE_OPERATIONS:
+            options = call._maybe_inject_stream_usage(options, body, headers)
+        call.options = options
+        return call
+
+    def _take_helicone_headers(
+        self, options: Any, client_headers: Mapping[str, Any], headers: Mapping[str, Any]
+    ) -> Any:
+        """Helicone-User-Id / Helicone-Property-* headers (per call, or the client's defaults)
+        set this call's user and properties, and never leave the process."""
+        kept = {k: v for k, v in headers.items() if not _is_helicone(k)}
+        values: dict[str, Any] = {}
+        for key, value in client_headers.items():
+            if _is_helicone(key):
+                # The SDK merges the client's default headers into each request; Omit()
+                # removes one of them from this request only.
+                kept[key] = Omit()
+                values[key.lower()] = value
+        for key, value in headers.items():
+            if _is_helicone(key):
+                values[key.lower()] = value
+        properties: dict[str, Any] = {}
+        for key, value in values.items():
+            if isinstance(value, Omit) or value is None:
+                continue
+            if key == _HELICONE_USER:
+                self.user_id = _valid_or_none(check_user_id, str(value), "Helicone-User-Id")
+            elif key.startswith(_HELICONE_PROPERTY) and len(key) > len(_HELICONE_PROPERTY):
+                properties[key[len(_HELICONE_PROPERTY) :]] = value
+        checked = _valid_or_none(check_properties, properties, "Helicone-Property-*") or {}
+        if checked:
+            self.properties = {**self.properties, **checked}
+        options = options.model_copy()
+        options.headers = kept
+        return options
+
+    def _maybe_inject_stream_usage(
+        self, options: Any, body: Mapping[str, Any], headers: Mapping[str, Any]
+    ) -> Any:
+        setting = self.tally.inject_stream_usage
+        if setting is False or (setting == "auto" and self.provider != "openai"):
+            return options
+        if RAW_RESPONSE_HEADER in headers:
+            return options  # the caller reads the wire itself: we must not change it
+        stream_options = body.get("stream_options")
+        if isinstance(stream_options, Mapping) and stream_options.get("include_usage"):
+            return options
+        if stream_options is not None and not isinstance(stream_options, Mapping):
+            return options
+        options = options.model_copy()
+        options.json_data = {
+            **body,
+            "stream_options": {**(stream_options or {}), "include_usage": True},
+        }
+        self.hide_usage_chunk = True
+        return options
+
+    # -- outcomes ----------------------------------------------------------------------------
+
+    def observe_result(self, result: Any) -> None:
+        if isinstance(result, Stream | AsyncStream):
+            self._attach_stream(result)
+        elif isinstance(result, BaseAPIResponse | LegacyAPIResponse):
+            self._observe_raw(result, result.http_response)
+        elif isinstance(result, httpx2.Response):
+            self._observe_raw(None, result)
+        else:
+            self.usage = read_usage(getattr(result, "usage", None))
+            model = getattr(result, "model", None)
+            self.response_model = model if isinstance(model, str) else None
+            self.request_id = getattr(result, "_request_id", None) or self.request_id
+            self.saw_end = True
+            self.finish(STATUS_OK)
+
+    def fail(self, exc: BaseException) -> None:
+        """The request raised: an API error after retries, a timeout, or a connection error."""
+        self.status = STATUS_ERROR
+        self.error_type = type(exc).__name__
+        if isinstance(exc, APIStatusError):
+            self.http_status = exc.status_code
+            self.request_id = exc.request_id
+            self.retries = _retries_from(exc.response.request)
+        else:
+            self.retries = _retries_from(getattr(exc, "request", None))
+        self.finish(STATUS_ERROR, billed=False)
+
+    def abort(self) -> None:
+        """The stream was abandoned, cancelled, or outlived its request."""
+        if self.finished:
+            return
+        if self.raw_finish is not None and not self.stream_attached:
+            self.raw_finish()
+        else:
+            self.finish(STATUS_OK if self.saw_end else STATUS_ABORTED)
+
+    def finish(self, status: str, billed: bool = True) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.stream_attached or self.raw_finish is not None:
+            self.tally.untrack_open_call(self)
+            if self.scope is not None and self.scope.open_calls is not None:
+                self.scope.open_calls.discard(self)
+        record = CallRecord(
+            id=new_record_id(),
+            ts_us=self.ts_us,
+            user_id=self.user_id,
+            properties=self.properties,
+            provider=self.provider,
+            operation=self.operation,
+            request_model=self.model,
+            response_model=self.response_model,
+            latency_us=int((time.perf_counter() - self.start) * 1_000_000),
+            ttft_us=self.ttft_us,
+            status=status,
+            error_type=self.error_type,
+            http_status=self.http_status,
+            retries=self.retries,
+            request_id=self.request_id,
+            base_url=self.base_url,
+        )
+        usage = self.usage
+        if usage is not None:
+            _apply_usage(record, usage)
+        elif not billed:
+            record.cost_nano_usd, record.cost_source = 0, COST_NOT_BILLED
+        else:
+            record.usage_source = USAGE_ESTIMATED
+            record.resolve = functools.partial(
+                _estimate, prompt=_prompt_of(self.operation, self.body), parts=self.output_parts
+            )
+        self.body = None
+        self.tally.submit(record)
+
+    # -- streams -----------------------------------------------------------------------------
+
+    def _attach_stream(self, stream: Stream[Any] | AsyncStream[Any]) -> None:
+        self.stream_attached = True
+        response = stream.response
+        self.http_status = response.status_code
+        self.request_id = response.headers.get("x-request-id") or self.request_id
+        if isinstance(stream, Stream):
+            stream._iterator = _observe_sync(stream._iterator, self)
+            _hook_sync_close(response, self)
+        else:
+            stream._iterator = _observe_async(stream._iterator, self)
+            _hook_async_close(response, self)
+        self.tally.track_open_call(self)
+        scope = self.scope
+        if scope is not None:
+            if scope.open_calls is None:
+                scope.open_calls = set()
+            scope.open_calls.add(self)
+        # A stream dropped without being read or closed is recorded when it is collected.
+        weakref.finalize(stream, _abort_if_open, weakref.ref(self)).atexit = False
+
+    def observe_item(self, item: Any) -> bool:
+        """Look at one streamed chunk/event; False hides it from the caller."""
+        if self.operation == "responses":
+            return self._observe_event(item)
+        choices = item.choices
+        if choices:
+            if self.ttft_us is None:
+                self.ttft_us = int((time.perf_counter() - self.start) * 1_000_000)
+            for choice in choices:
+                delta = getattr(choice, "delta", None)
+                text = getattr(delta, "content", None) if delta is not None else choice.text
+                if text:
+                    self.output_parts.append(text)
+                if delta is not None and delta.tool_calls:
+                    for tool_call in delta.tool_calls:
+                        arguments = tool_call.function and tool_call.function.arguments
+                        if arguments:
+                            self.output_parts.append(arguments)
+                if choice.finish_reason:
+                    self.saw_end = True
+        if item.model:
+            self.response_model = item.model
+        usage = item.usage
+        if usage is not None:
+            self.usage = read_usage(usage)
+            self.saw_end = True
+            if self.hide_usage_chunk and not choices:
+                return False
+        return True
+
+    def _observe_event(self, event: Any) -> bool:
+        kind = getattr(event, "type", None)
+        if kind == "response.output_text.delta" or kind == "response.function_call_arguments.delta":
+            if self.ttft_us is None:
+                self.ttft_us = int((time.perf_counter() - self.start) * 1_000_000)
+            self.output_parts.append(event.delta)
+        elif kind in _RESPONSES_TERMINAL or kind == "response.created":
+            response = event.response
+            self.response_model = response.model or self.response_model
+            if kind in _RESPONSES_TERMINAL:
+                self.usage = read_usage(response.usage)
+                self.saw_end = True
+                if kind == "response.failed":
+                    self.status = STATUS_ERROR
+                    error = getattr(response, "error", None)
+                    self.error_type = getattr(error, "code", None) or "response.failed"
+        elif kind == "error":
+            self.status = STATUS_ERROR
+            self.error_type = getattr(event, "code", None) or "error"
+        return True
+
+    def stream_ended(self) -> None:
+        self.finish(self.status)
+
+    def stream_failed(self, exc: BaseException) -> None:
+        self.status = STATUS_ERROR
+        self.error_type = type(exc).__name__
+        if isinstance(exc, APIStatusError):
+            self.http_status = exc.status_code
+        self.finish(STATUS_ERROR)
+
+    def stream_closed(self) -> None:
+        """The response was closed from outside our iterator (caller's close, ``with`` exit)."""
+        if not self.pulling:
+            self.abort()
+
+    # -- raw responses -----------------------------------------------------------------------
+
+    def _observe_raw(self, api_response: Any, http: httpx2.Response) -> None:
+        self.http_status = http.status_code
+        self.request_id = http.headers.get("x-request-id") or self.request_id
+        if hasattr(http, "_content") and not _is_event_stream(http):
+            self._finish_from_body(http.content)
+            return
+        # The body is read later (with_streaming_response) or parsed into a Stream later:
+        # keep a bounded tail of the bytes, and finish when the response is closed.
+        tap: _Tail | None = None
+        if not hasattr(http, "_content"):
+            tap = _Tail()
+            if self.is_async and isinstance(http.stream, httpx2.AsyncByteStream):
+                http.stream = _AsyncTap(http.stream, tap)
+            elif not self.is_async and isinstance(http.stream, httpx2.SyncByteStream):
+                http.stream = _SyncTap(http.stream, tap)
+        if api_response is not None:
+            _hook_parse(api_response, self)
+
+        def on_close() -> None:
+            if self.stream_attached or self.finished:
+                return
+            body = http.content if hasattr(http, "_content") else (tap.bytes() if tap else b"")
+            self._finish_from_body(body)
+
+        # Until then it is an open call: a request that ends first records it as it stands.
+        self.raw_finish = on_close
+        self.tally.track_open_call(self)
+        if self.is_async:
+            original_aclose = http.aclose
+
+            async def aclose() -> None:
+                try:
+                    await original_aclose()
+                finally:
+                    guard("raw response closed", on_close)
+
+            http.aclose = aclose  # type: ignore[method-assign]
+        else:
+            original_close = http.close
+
+            def close() -> None:
+                try:
+                    original_close()
+                finally:
+                    guard("raw response closed", on_close)
+
+            http.close = close  # type: ignore[method-assign]
+
+    def _finish_from_body(self, body: bytes) -> None:
+        found = read_body(body)
+        self.response_model = found.model or self.response_model
+        self.usage = found.usage
+        self.output_parts = found.output_parts
+        self.saw_end = found.complete
+        self.finish(self.status if found.complete or found.usage else STATUS_ABORTED)
+
+
+def _valid_or_none(check: Callable[..., T], value: Any, field: str) -> T | None:
+    """A bad id or property on an LLM call is ignored with a warning: the call must go on."""
+    try:
+        return check(value, field)
+    except ValueError as exc:
+        logger.warning("llm-tally: ignoring an invalid value on an LLM call: %s", exc)
+        return None
+
+
+def _is_helicone(key: Any) -> bool:
+    return isinstance(key, str) and key.lower().startswith("helicone-")
+
+
+def _has_helicone(headers: Mapping[str, Any]) -> bool:
+    return any(_is_helicone(k) for k in headers)
+
+
+def _is_event_stream(http: httpx2.Response) -> bool:
+    return http.headers.get("content-type", "").startswith("text/event-stream")
+
+
+def _abort_if_open(ref: weakref.ref[_Call]) -> None:
+    call = ref()
+    if call is not None:
+        guard("abandoned stream", call.abort)
+
+
+def _apply_usage(record: CallRecord, usage: Usage) -> None:
+    record.input_tokens = usage.input_tokens
+    record.output_tokens = usage.output_tokens
+    record.cached_input_tokens = usage.cached_input_tokens
+    record.cache_write_tokens = usage.cache_write_tokens
+    record.reasoning_tokens = usage.reasoning_tokens
+
+
+def _prompt_of(operation: str, body: Mapping[str, Any] | None) -> Any:
+    if not body:
+        return None
+    if operation == "chat":
+        return body.get("messages")
+    if operation == "responses":
+        return [body.get("instructions"), body.get("input")]
+    return body.get("prompt") if operation == "completions" else body.get("input")
+
+
+def _estimate(record: CallRecord, *, prompt: Any, parts: list[str]) -> None:
+    """Writer thread: count tokens with tiktoken when the provider reported none."""
+    model = record.response_model or record.request_model
+    record.input_tokens = count_prompt(prompt, model)
+    record.output_tokens = count_text("".join(parts), model)
+
+
+# -- stream observers ------------------------------------------------------------------------
+
+
+def _observe_sync(inner: Iterator[Any], call: _Call) -> Iterator[Any]:
+    try:
+        while True:
+            call.pulling = True
+            try:
+                item = next(inner)
+            except StopIteration:
+                guard("stream ended", call.stream_ended)
+                return
+            finally:
+                call.pulling = False
+            if guard("observe chunk", call.observe_item, item) is not False:
+                yield item
+    except GeneratorExit:
+        guard("stream abandoned", call.abort)
+        raise
+    except BaseException as exc:
+        guard("stream failed", call.stream_failed, exc)
+        raise
+
+
+async def _observe_async(inner: AsyncIterator[Any], call: _Call) -> AsyncIterator[Any]:
+    try:
+        while True:
+            call.pulling = True
+            try:
+                item = await inner.__anext__()
+            except StopAsyncIteration:
+                guard("stream ended", call.stream_ended)
+                return
+            finally:
+                call.pulling = False
+            if guard("observe chunk", call.observe_item, item) is not False:
+                yield item
+    except GeneratorExit:
+        guard("stream abandoned", call.abort)
+        raise
+    except BaseException as exc:
+        # CancelledError (the task was cancelled) is an abort, not a provider error.
+        if type(exc).__name__ == "CancelledError":
+            guard("stream cancelled", call.abort)
+        else:
+            guard("stream failed", call.stream_failed, exc)
+        raise
+
+
+def _hook_sync_close(response: httpx2.Response, call: _Call) -> None:
+    original = response.close
+
+    def close() -> None:
+        try:
+            original()
+        finally:
+            guard("stream closed", call.stream_closed)
+
+    response.close = close  # type: ignore[method-assign]
+
+
+def _hook_async_close(response: httpx2.Response, call: _Call) -> None:
+    original = response.aclose
+
+    async def aclose() -> None:
+        try:
+            await original()
+        finally:
+            guard("stream closed", call.stream_closed)
+
+    response.aclose = aclose  # type: ignore[method-assign]
+
+
+def _hook_parse(api_response: Any, call: _Call) -> None:
+    """A raw response parsed into a Stream later is observed like any stream."""
+    original = api_response.parse
+
+    def attach(parsed: Any) -> Any:
+        if isinstance(parsed, Stream | AsyncStream) and not call.stream_attached:
+            guard("observe parsed stream", call._attach_stream, parsed)
+        return parsed
+
+    if isinstance(api_response, LegacyAPIResponse) or not _is_async_parse(original):
+
+        def parse(*args: Any, **kwargs: Any) -> Any:
+            return attach(original(*args, **kwargs))
+
+        api_response.parse = parse
+    else:
+
+        async def aparse(*args: Any, **kwargs: Any) -> Any:
+            return attach(await original(*args, **kwargs))
+
+        api_response.parse = aparse
+
+
+def _is_async_parse(method: Any) -> bool:
+    import inspect
+
+    return inspect.iscoroutinefunction(method)
+
+
+# -- byte taps for raw bodies ----------------------------------------------------------------
+
+
+class _Tail:
+    """The last ``_TAIL_BYTES`` of a body: enough to find the final usage object."""
+
+    __slots__ = ("chunks", "size")
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.size = 0
+
+    def add(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+        self.size += len(chunk)
+        while self.size - len(self.chunks[0]) >= _TAIL_BYTES:
+            self.size -= len(self.chunks.pop(0))
+
+    def bytes(self) -> bytes:
+        return b"".join(self.chunks)
+
+
+class _SyncTap(httpx2.SyncByteStream):
+    def __init__(self, inner: httpx2.SyncByteStream, tail: _Tail) -> None:
+        self._inner = inner
+        self._tail = tail
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._inner:
+            self._tail.add(chunk)
+            yield chunk
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class _AsyncTap(httpx2.AsyncByteStream):
+    def __init__(self, inner: httpx2.AsyncByteStream, tail: _Tail) -> None:
+        self._inner = inner
+        self._tail = tail
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._inner:
+            self._tail.add(chunk)
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+__all__ = ["instrument_openai", "is_openai_instrumented", "uninstrument_openai"]

@@ -1,0 +1,140 @@
+"""Reading OpenAI usage from SDK objects, JSON bodies and SSE streams (all wire shapes)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+_USAGE_KEY = b'"usage"'
+
+
+def _get(obj: Any, name: str) -> Any:
+    if obj is None:
+        return None
+    if isinstance(obj, dict):
+        return obj.get(name)
+    return getattr(obj, name, None)
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token counts as llm-tally stores them (OpenAI's convention: input includes cached)."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+def read_usage(usage: Any) -> Usage | None:
+    """Chat/Completions (``prompt_tokens``), Responses (``input_tokens``) or embeddings usage."""
+    if usage is None:
+        return None
+    prompt = _get(usage, "prompt_tokens")
+    if prompt is None:
+        prompt = _get(usage, "input_tokens")
+    output = _get(usage, "completion_tokens")
+    if output is None:
+        output = _get(usage, "output_tokens")
+    if prompt is None and output is None:
+        return None
+    input_details = _get(usage, "prompt_tokens_details") or _get(usage, "input_tokens_details")
+    output_details = _get(usage, "completion_tokens_details") or _get(
+        usage, "output_tokens_details"
+    )
+    # Not sent by OpenAI itself; some OpenAI-compatible providers report cache writes so.
+    cache_write = _get(input_details, "cache_write_tokens") or _get(
+        input_details, "cache_creation_tokens"
+    )
+    return Usage(
+        input_tokens=_int(prompt),
+        output_tokens=_int(output),
+        cached_input_tokens=_int(_get(input_details, "cached_tokens")),
+        cache_write_tokens=_int(cache_write),
+        reasoning_tokens=_int(_get(output_details, "reasoning_tokens")),
+    )
+
+
+@dataclass(slots=True)
+class BodyUsage:
+    """What a raw response body says: usage (if any), model, and streamed output text."""
+
+    usage: Usage | None = None
+    model: str | None = None
+    output_parts: list[str] = field(default_factory=list)
+    complete: bool = False
+
+
+def _observe_payload(found: BodyUsage, data: Any) -> None:
+    if not isinstance(data, dict):
+        return
+    response = data.get("response")
+    if isinstance(response, dict) and data.get("type", "").startswith("response."):
+        # Responses API events: usage and model live on the embedded response.
+        found.model = response.get("model") or found.model
+        usage = read_usage(response.get("usage"))
+        if usage is not None:
+            found.usage = usage
+            found.complete = True
+        return
+    if data.get("type") == "response.output_text.delta" and isinstance(data.get("delta"), str):
+        found.output_parts.append(data["delta"])
+        return
+    if isinstance(data.get("model"), str):
+        found.model = data["model"]
+    usage = read_usage(data.get("usage"))
+    if usage is not None:
+        found.usage = usage
+    for choice in data.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        delta = choice.get("delta")
+        text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+        if isinstance(text, str):
+            found.output_parts.append(text)
+        if choice.get("finish_reason"):
+            found.complete = True
+
+
+def read_body(body: bytes) -> BodyUsage:
+    """Usage from a whole JSON body, an SSE stream, or (last resort) the tail of either."""
+    found = BodyUsage()
+    stripped = body.lstrip()
+    if stripped.startswith(b"{"):
+        try:
+            _observe_payload(found, json.loads(stripped))
+            found.complete = found.complete or found.usage is not None
+            return found
+        except ValueError:
+            pass
+    if b"data:" in body:
+        for line in body.splitlines():
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                found.complete = True
+                continue
+            try:
+                _observe_payload(found, json.loads(payload))
+            except ValueError:
+                continue
+        if found.usage is not None:
+            return found
+    # A truncated body (only its tail was kept): decode the last usage object found.
+    position = body.rfind(_USAGE_KEY)
+    if position >= 0:
+        start = body.find(b"{", position)
+        if start >= 0:
+            try:
+                value, _ = json.JSONDecoder().raw_decode(body[start:].decode("utf-8", "replace"))
+            except ValueError:
+                value = None
+            found.usage = read_usage(value) or found.usage
+    return found

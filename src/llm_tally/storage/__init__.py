@@ -1,0 +1,1 @@
+"""The SQLModel store: schema, engine set-up, background writer and queries."""

@@ -1,0 +1,118 @@
+"""Read-side queries: per-user totals. Framework-neutral; every surface calls these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Literal
+
+from sqlalchemy import ColumnElement, Engine, case, func, select
+
+from .._money import nano_to_usd
+from .._time import from_epoch_us
+from .models import usage_table
+
+OrderBy = Literal["cost", "requests", "tokens", "last_seen"]
+ORDER_BY_VALUES: tuple[str, ...] = ("cost", "requests", "tokens", "last_seen")
+
+
+@dataclass(frozen=True, slots=True)
+class UserTotals:
+    """What one user's calls added up to in a period. ``cost_usd`` is exact."""
+
+    user_id: str | None
+    requests: int
+    errors: int
+    input_tokens: int
+    output_tokens: int
+    cached_input_tokens: int
+    reasoning_tokens: int
+    cost_usd: Decimal
+    #: Calls whose model had no known price: not included in ``cost_usd``.
+    unpriced_requests: int
+    first_seen: datetime | None
+    last_seen: datetime | None
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+_c = usage_table.c
+_AGGREGATES: tuple[ColumnElement[Any], ...] = (
+    func.count().label("requests"),
+    func.coalesce(func.sum(case((_c.status != "ok", 1), else_=0)), 0).label("errors"),
+    func.coalesce(func.sum(_c.input_tokens), 0).label("input_tokens"),
+    func.coalesce(func.sum(_c.output_tokens), 0).label("output_tokens"),
+    func.coalesce(func.sum(_c.cached_input_tokens), 0).label("cached_input_tokens"),
+    func.coalesce(func.sum(_c.reasoning_tokens), 0).label("reasoning_tokens"),
+    func.coalesce(func.sum(_c.cost_nano_usd), 0).label("cost_nano_usd"),
+    func.coalesce(func.sum(case((_c.cost_nano_usd.is_(None), 1), else_=0)), 0).label("unpriced"),
+    func.min(_c.ts).label("first_ts"),
+    func.max(_c.ts).label("last_ts"),
+)
+
+
+def _period(since_us: int | None, until_us: int | None) -> list[ColumnElement[bool]]:
+    conditions: list[ColumnElement[bool]] = []
+    if since_us is not None:
+        conditions.append(_c.ts >= since_us)
+    if until_us is not None:
+        conditions.append(_c.ts < until_us)
+    return conditions
+
+
+def _totals(user_id: str | None, row: Any) -> UserTotals:
+    return UserTotals(
+        user_id=user_id,
+        requests=int(row.requests),
+        # "errors" counts every call that did not complete: API errors and aborted streams.
+        errors=int(row.errors),
+        input_tokens=int(row.input_tokens),
+        output_tokens=int(row.output_tokens),
+        cached_input_tokens=int(row.cached_input_tokens),
+        reasoning_tokens=int(row.reasoning_tokens),
+        cost_usd=nano_to_usd(int(row.cost_nano_usd)),
+        unpriced_requests=int(row.unpriced),
+        first_seen=from_epoch_us(row.first_ts) if row.first_ts is not None else None,
+        last_seen=from_epoch_us(row.last_ts) if row.last_ts is not None else None,
+    )
+
+
+def user_totals(
+    engine: Engine, user_id: str | None, since_us: int | None, until_us: int | None
+) -> UserTotals:
+    """Totals of one user (``None``: calls made outside any user context)."""
+    who = _c.user_id.is_(None) if user_id is None else _c.user_id == user_id
+    query = select(*_AGGREGATES).where(who, *_period(since_us, until_us))
+    with engine.connect() as conn:
+        row = conn.execute(query).one()
+    return _totals(user_id, row)
+
+
+def users(
+    engine: Engine,
+    since_us: int | None,
+    until_us: int | None,
+    order_by: OrderBy,
+    limit: int,
+    offset: int = 0,
+) -> list[UserTotals]:
+    """Per-user totals, largest first; calls without a user are left out."""
+    sort_keys: dict[str, ColumnElement[Any]] = {
+        "cost": func.coalesce(func.sum(_c.cost_nano_usd), 0),
+        "requests": func.count(),
+        "tokens": func.coalesce(func.sum(_c.input_tokens + _c.output_tokens), 0),
+        "last_seen": func.max(_c.ts),
+    }
+    query = (
+        select(_c.user_id, *_AGGREGATES)
+        .where(_c.user_id.is_not(None), *_period(since_us, until_us))
+        .group_by(_c.user_id)
+        .order_by(sort_keys[order_by].desc(), _c.user_id)
+        .limit(limit)
+        .offset(offset)
+    )
+    with engine.connect() as conn:
+        return [_totals(row.user_id, row) for row in conn.execute(query)]

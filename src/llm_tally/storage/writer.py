@@ -1,0 +1,151 @@
+"""The background writer: records queue in memory and are inserted in batches off the app's path."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine, insert
+
+from .._internal import logger
+from .models import usage_table
+
+Row = dict[str, Any]
+
+
+@dataclass
+class WriterStats:
+    """Counters of one writer; read them through ``Tally.stats()``."""
+
+    queued: int = 0
+    written: int = 0
+    dropped: int = 0
+    write_errors: int = 0
+    last_write_error: str | None = None
+
+
+class _FlushMarker:
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+
+class BackgroundWriter:
+    """Turns queued items into rows (``to_row``, in this thread) and inserts them in batches.
+
+    ``submit`` never blocks and never touches the database: past ``max_queue`` items it
+    drops the record, counts it and logs a warning. A failed insert is retried with
+    backoff, keeping the batch in memory.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        to_row: Callable[[Any], Row | None],
+        *,
+        max_queue: int = 100_000,
+        batch_size: int = 2_000,
+        interval: float = 0.05,
+        name: str = "llm-tally-writer",
+    ) -> None:
+        self._engine = engine
+        self._to_row = to_row
+        self._max_queue = max_queue
+        self._batch_size = batch_size
+        self._interval = interval
+        self._queue: deque[Any] = deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        self.stats = WriterStats()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, item: Any) -> None:
+        queue = self._queue
+        if len(queue) >= self._max_queue:
+            self.stats.dropped += 1
+            if self.stats.dropped == 1 or self.stats.dropped % 10_000 == 0:
+                logger.warning(
+                    "llm-tally: the write queue is full (%d records); %d record(s) dropped so "
+                    "far. Is the store reachable?",
+                    self._max_queue,
+                    self.stats.dropped,
+                )
+            return
+        queue.append(item)
+        if len(queue) >= self._batch_size:
+            self._wake.set()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything submitted before this call is stored; False on timeout."""
+        if not self._thread.is_alive():
+            return not self._queue
+        marker = _FlushMarker()
+        self._queue.append(marker)
+        self._wake.set()
+        return marker.done.wait(timeout)
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Flush, then stop the thread. True if everything was stored in time."""
+        flushed = self.flush(timeout)
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout)
+        return flushed
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def _run(self) -> None:
+        pending: list[Row] = []
+        markers: list[_FlushMarker] = []
+        backoff = 0.0
+        while True:
+            self._wake.wait(backoff or self._interval)
+            self._wake.clear()
+            while self._queue or pending:
+                while self._queue and len(pending) < self._batch_size:
+                    item = self._queue.popleft()
+                    if isinstance(item, _FlushMarker):
+                        markers.append(item)
+                        if not pending:
+                            break
+                        continue
+                    row = self._to_row(item)
+                    if row is not None:
+                        pending.append(row)
+                if pending and not self._insert(pending):
+                    backoff = min(max(backoff * 2, 0.1), 5.0)
+                    break
+                backoff = 0.0
+                pending = []
+                for marker in markers:
+                    marker.done.set()
+                markers = []
+            self.stats.queued = len(self._queue) + len(pending)
+            if self._stopping and not self._queue and not pending:
+                return
+
+    def _insert(self, rows: list[Row]) -> bool:
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(insert(usage_table), rows)
+        except Exception as exc:
+            self.stats.write_errors += 1
+            self.stats.last_write_error = f"{type(exc).__name__}: {exc}"[:500]
+            if self.stats.write_errors == 1 or self.stats.write_errors % 100 == 0:
+                logger.warning(
+                    "llm-tally: storing %d record(s) failed (%s); they stay queued and will be "
+                    "retried",
+                    len(rows),
+                    self.stats.last_write_error,
+                )
+            return False
+        self.stats.written += len(rows)
+        return True

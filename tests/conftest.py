@@ -1,0 +1,112 @@
+"""Shared fixtures: a real fake-OpenAI server over loopback HTTP, real SQLite files, real PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+from sqlalchemy import create_engine, text
+
+import llm_tally
+from llm_tally import Tally
+from llm_tally._internal import internal_error_counts, set_raise_internal_errors
+from llm_tally.demo.fake_llm import FakeLLM
+from llm_tally.demo.serve import BackgroundServer
+
+POSTGRES_URL = os.environ.get(
+    "LLM_TALLY_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _raise_internal_errors() -> Iterator[None]:
+    # In tests a bug of ours must fail loudly instead of being logged and counted.
+    set_raise_internal_errors(True)
+    yield
+    set_raise_internal_errors(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_tallies() -> Iterator[None]:
+    internal_error_counts.clear()
+    yield
+    leftover = llm_tally.default_tally()
+    while leftover is not None:
+        leftover.close()
+        leftover = llm_tally.default_tally()
+    assert not llm_tally.is_openai_instrumented(), "closing every Tally must uninstrument"
+
+
+class FakeServer:
+    def __init__(self, fake: FakeLLM, url: str) -> None:
+        self.fake = fake
+        self.url = url
+        self.base_url = f"{url}/v1"
+
+    @property
+    def ledger(self) -> list[dict[str, Any]]:
+        return self.fake.ledger
+
+
+@pytest.fixture(scope="session")
+def fake_llm() -> Iterator[FakeServer]:
+    fake = FakeLLM()
+    with BackgroundServer(fake.app) as server:
+        yield FakeServer(fake, server.url)
+
+
+@pytest.fixture
+def db_url(tmp_path: Any) -> str:
+    return f"sqlite:///{tmp_path / 'usage.db'}"
+
+
+@pytest.fixture
+def tally(db_url: str) -> Iterator[Tally]:
+    t = Tally(db_url)
+    yield t
+    t.close()
+
+
+@pytest.fixture
+def client(fake_llm: FakeServer) -> Iterator[openai.OpenAI]:
+    c = openai.OpenAI(base_url=fake_llm.base_url, api_key="test-key", max_retries=0)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+async def aclient(fake_llm: FakeServer) -> Any:
+    c = openai.AsyncOpenAI(base_url=fake_llm.base_url, api_key="test-key", max_retries=0)
+    yield c
+    await c.close()
+
+
+def stored_rows(tally: Tally) -> list[dict[str, Any]]:
+    """Every stored record, oldest first (flushes first)."""
+    assert tally.flush(10), "records were not stored in time"
+    with tally.engine.connect() as conn:
+        result = conn.execute(text("SELECT * FROM llm_tally_usage ORDER BY ts, id"))
+        return [dict(row._mapping) for row in result]
+
+
+def only_row(tally: Tally) -> dict[str, Any]:
+    rows = stored_rows(tally)
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """The real PostgreSQL on 127.0.0.1:5432, database ``test``, with llm-tally's tables dropped."""
+    engine = create_engine(POSTGRES_URL)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("DROP TABLE IF EXISTS llm_tally_usage, llm_tally_meta"))
+    except Exception as exc:  # pragma: no cover - CI starts PostgreSQL; say so when it is not
+        pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_URL}: {exc}")
+    finally:
+        engine.dispose()
+    yield POSTGRES_URL
