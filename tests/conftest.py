@@ -1,4 +1,4 @@
-"""Shared fixtures: a real fake-OpenAI server over loopback HTTP, real SQLite files, real PostgreSQL."""
+"""Shared fixtures: a fake OpenAI server over loopback HTTP, real SQLite files, real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ from typing import Any
 
 import openai
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, select, text
 
 import llm_tally
 from llm_tally import Tally
 from llm_tally._internal import internal_error_counts, set_raise_internal_errors
 from llm_tally.demo.fake_llm import FakeLLM
 from llm_tally.demo.serve import BackgroundServer
+from llm_tally.storage.models import usage_table
 
 POSTGRES_URL = os.environ.get(
     "LLM_TALLY_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -88,7 +89,7 @@ def stored_rows(tally: Tally) -> list[dict[str, Any]]:
     """Every stored record, oldest first (flushes first)."""
     assert tally.flush(10), "records were not stored in time"
     with tally.engine.connect() as conn:
-        result = conn.execute(text("SELECT * FROM llm_tally_usage ORDER BY ts, id"))
+        result = conn.execute(select(usage_table).order_by(usage_table.c.ts, usage_table.c.id))
         return [dict(row._mapping) for row in result]
 
 

@@ -1,4 +1,4 @@
-"""The request-scoped ContextVar. Middleware and ``llm_tally.user()`` write it; everything else reads it.
+"""The request-scoped ContextVar: middleware and ``llm_tally.user()`` write it, the rest reads it.
 
 It holds a mutable :class:`~llm_tally._scope.Scope`, not the user id itself: thread
 pools copy a context forwards only, so a value *set* inside a sync FastAPI

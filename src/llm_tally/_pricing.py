@@ -29,7 +29,7 @@ _ONE_MILLION = Decimal(1_000_000)
 
 @dataclass(frozen=True, slots=True)
 class TokenUsage:
-    """Token counts in OpenAI's convention: ``input_tokens`` includes cached and cache-write tokens."""
+    """Token counts (OpenAI convention: ``input_tokens`` includes cached and cache writes)."""
 
     input_tokens: int = 0
     output_tokens: int = 0
@@ -81,7 +81,9 @@ class Pricer:
             try:
                 amount = Decimal(value)
             except ArithmeticError:
-                raise ValueError(f"{key.replace('_mtok', '_per_mtok')} is not a number: {value!r}")
+                raise ValueError(
+                    f"{key.replace('_mtok', '_per_mtok')} is not a number: {value!r}"
+                ) from None
             if not amount.is_finite() or amount < 0:
                 raise ValueError(f"{key.replace('_mtok', '_per_mtok')} must be >= 0, got {value!r}")
             checked[key] = amount
@@ -139,8 +141,9 @@ def _genai_price(
         attempts += [{}, {"provider_id": "openai"}]
     for kwargs in attempts:
         try:
-            result = calc_price(usage, model, genai_request_timestamp=when, **kwargs)  # type: ignore[arg-type]
+            result = calc_price(usage, model, genai_request_timestamp=when, **kwargs)  # type: ignore[call-overload]
         except LookupError:
             continue
-        return result.total_price
+        total: Decimal = result.total_price
+        return total
     return None

@@ -49,7 +49,7 @@ class Scope:
                 call.abort()
 
 
-class user:  # noqa: N801 - used like a function: ``with llm_tally.user("u1"):``
+class user:
     """Charge every LLM call made inside this block to ``user_id``.
 
     Works with ``with`` and ``async with``. Properties (``plan="pro"``) are attached to

@@ -304,7 +304,9 @@ class Tally:
     ) -> list[UserTotals]:
         """Per-user totals for ``[since, until)``, largest first by ``order_by``."""
         if order_by not in ORDER_BY_VALUES:
-            raise ValueError(f"order_by must be one of {', '.join(ORDER_BY_VALUES)}; got {order_by!r}")
+            raise ValueError(
+                f"order_by must be one of {', '.join(ORDER_BY_VALUES)}; got {order_by!r}"
+            )
         for name, value, low in (("limit", limit, 1), ("offset", offset, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")

@@ -279,27 +279,42 @@ class FakeLLM:
         if not body.get("stream"):
             return JSONResponse(response, headers=headers)
 
+        numbers = itertools.count()
+
         def event(data: dict[str, Any]) -> str:
+            data = {**data, "sequence_number": next(numbers)}
             return f"event: {data['type']}\ndata: {json.dumps(data)}\n\n"
 
         async def events() -> AsyncIterator[str]:
+            item_id = f"msg_{request_id}"
             started = {**response, "status": "in_progress", "output": [], "usage": None}
-            yield event({"type": "response.created", "sequence_number": 0, "response": started})
+            empty_item = {**response["output"][0], "status": "in_progress", "content": []}
+            part = {"type": "output_text", "text": "", "annotations": []}
+            where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+            yield event({"type": "response.created", "response": started})
+            yield event(
+                {"type": "response.output_item.added", "output_index": 0, "item": empty_item}
+            )
+            yield event({"type": "response.content_part.added", **where, "part": part})
             for i, word in enumerate(words):
+                delta = word if i == 0 else f" {word}"
                 yield event(
-                    {
-                        "type": "response.output_text.delta",
-                        "sequence_number": i + 1,
-                        "item_id": f"msg_{request_id}",
-                        "output_index": 0,
-                        "content_index": 0,
-                        "delta": word if i == 0 else f" {word}",
-                        "logprobs": [],
-                    }
+                    {"type": "response.output_text.delta", **where, "delta": delta, "logprobs": []}
                 )
             yield event(
-                {"type": "response.completed", "sequence_number": len(words) + 1, "response": response}
+                {"type": "response.output_text.done", **where, "text": text, "logprobs": []}
             )
+            yield event(
+                {"type": "response.content_part.done", **where, "part": {**part, "text": text}}
+            )
+            yield event(
+                {
+                    "type": "response.output_item.done",
+                    "output_index": 0,
+                    "item": response["output"][0],
+                }
+            )
+            yield event({"type": "response.completed", "response": response})
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
@@ -320,6 +335,7 @@ class FakeLLM:
             if body.get("encoding_format") == "base64":
                 return base64.b64encode(struct.pack("<8f", *values)).decode()
             return values
+
         self._log(request, request_id, model, u)
         return JSONResponse(
             {

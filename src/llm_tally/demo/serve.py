@@ -18,7 +18,9 @@ class BackgroundServer:
             app, host=host, port=port, log_level="warning", lifespan="off", access_log=False
         )
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name="llm-tally-server", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.run, name="llm-tally-server", daemon=True
+        )
         self.host = host
         self.port = port
 

@@ -37,11 +37,13 @@ from .._record import (
     CallRecord,
     new_record_id,
 )
+from .._tally import default_tally
 from .._tokens import count_prompt, count_text
 from .._validation import check_properties, check_user_id
 from .openai_usage import Usage, read_body, read_usage
 
 if TYPE_CHECKING:
+    from .._scope import Scope
     from .._tally import Tally
 
 OPERATIONS = {
@@ -189,37 +191,58 @@ class _Call:
 
     __slots__ = (
         "__weakref__",
+        "base_url",
         "body",
+        "error_type",
         "finished",
         "hide_usage_chunk",
         "http_status",
+        "is_async",
         "model",
         "operation",
         "options",
         "output_parts",
         "properties",
         "provider",
-        "base_url",
         "pulling",
+        "raw_finish",
         "request_id",
+        "response_model",
         "retries",
         "saw_end",
         "scope",
         "start",
+        "status",
         "stream_attached",
         "tally",
         "ts_us",
         "ttft_us",
         "usage",
         "user_id",
-        "response_model",
-        "status",
-        "error_type",
-        "is_async",
-        "raw_finish",
     )
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        tally: Tally,
+        scope: Scope | None,
+        operation: str,
+        client: Any,
+        options: Any,
+        body: Mapping[str, Any],
+    ) -> None:
+        self.start = time.perf_counter()
+        self.ts_us = time.time_ns() // 1000
+        self.tally = tally
+        self.scope = scope
+        self.operation = operation
+        self.options = options
+        self.body: Mapping[str, Any] | None = body
+        model = body.get("model")
+        self.model: str | None = model if isinstance(model, str) else None
+        self.provider, self.base_url = _provider(client)
+        self.is_async = isinstance(client, AsyncAPIClient)
+        self.user_id: str | None = scope.user_id if scope is not None else None
+        self.properties: dict[str, str] = scope.properties if scope is not None else {}
         self.http_status: int | None = None
         self.request_id: str | None = None
         self.retries = 0
@@ -234,7 +257,7 @@ class _Call:
         self.hide_usage_chunk = False
         self.status = STATUS_OK
         self.error_type: str | None = None
-        self.raw_finish: Any = None
+        self.raw_finish: Callable[[], None] | None = None
 
     @classmethod
     def begin(cls, client: Any, options: Any, stream: bool) -> _Call | None:
@@ -245,25 +268,11 @@ class _Call:
         scope = current_scope.get()
         tally: Tally | None = scope.tally if scope is not None else None
         if tally is None:
-            from .._tally import default_tally
-
             tally = default_tally()
         if tally is None or tally.closed:
             return None
-        call = cls()
-        call.start = time.perf_counter()
-        call.ts_us = time.time_ns() // 1000
-        call.tally = tally
-        call.scope = scope
-        call.operation = operation
-        call.user_id = scope.user_id if scope is not None else None
-        call.properties = scope.properties if scope is not None else {}
         body = options.json_data if isinstance(options.json_data, Mapping) else {}
-        call.body = body
-        model = body.get("model")
-        call.model = model if isinstance(model, str) else None
-        call.provider, call.base_url = _provider(client)
-        call.is_async = isinstance(client, AsyncAPIClient)
+        call = cls(tally, scope, operation, client, options, body)
         headers = options.headers if isinstance(options.headers, Mapping) else {}
         client_headers = getattr(client, "_custom_headers", None) or {}
         if _has_helicone(headers) or _has_helicone(client_headers):

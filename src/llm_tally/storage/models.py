@@ -32,7 +32,9 @@ class UsageRecord(SQLModel, table=True):
     id: str = Field(sa_column=Column(String(32), primary_key=True))
     ts: int = Field(sa_column=Column(BigInteger, nullable=False))
     user_id: str | None = Field(default=None, sa_column=Column(String(256)))
-    properties: dict[str, Any] = Field(default_factory=dict, sa_column=Column(_JSON, nullable=False))
+    properties: dict[str, Any] = Field(
+        default_factory=dict, sa_column=Column(_JSON, nullable=False)
+    )
     provider: str = Field(sa_column=Column(String(64), nullable=False))
     operation: str = Field(sa_column=Column(String(32), nullable=False))
     request_model: str | None = Field(default=None, sa_column=Column(String(256)))
