@@ -69,5 +69,7 @@ def test_encoding_choice(model: str | None, name: str) -> None:
 
 def test_chat_prompt_counts_message_overhead() -> None:
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
-    text_only = _tokens.count_text("be brief", "gpt-4o") + _tokens.count_text("hi", "gpt-4o")
-    assert _tokens.count_prompt(messages, "gpt-4o") == text_only + 3 * 2 + 3
+    count = _tokens.count_text
+    text_only = count("be brief", "gpt-4o") + count("hi", "gpt-4o")
+    roles = count("system", "gpt-4o") + count("user", "gpt-4o")
+    assert _tokens.count_prompt(messages, "gpt-4o") == text_only + roles + 3 * 2 + 3

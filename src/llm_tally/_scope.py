@@ -39,13 +39,13 @@ class Scope:
         self.properties = properties
         self.tally = tally
         self.abort_open_calls_on_exit = abort_open_calls_on_exit
-        self.open_calls: set[OpenCall] | None = None
+        # Streams started in this scope and not finished yet; shared by threads of the scope.
+        self.open_calls: set[OpenCall] = set()
 
     def close(self) -> None:
         """End the scope: calls still streaming are recorded as aborted if so configured."""
-        open_calls, self.open_calls = self.open_calls, None
-        if open_calls and self.abort_open_calls_on_exit:
-            for call in list(open_calls):
+        if self.open_calls and self.abort_open_calls_on_exit:
+            for call in list(self.open_calls):
                 call.abort()
 
 

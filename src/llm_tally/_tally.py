@@ -40,7 +40,10 @@ _open_tallies: list[Tally] = []
 
 def default_tally() -> Tally | None:
     """The process default: the earliest-created Tally that is still open."""
-    return _open_tallies[0] if _open_tallies else None
+    try:
+        return _open_tallies[0]
+    except IndexError:  # none open (or the last one closed by another thread just now)
+        return None
 
 
 class Tally:

@@ -144,10 +144,18 @@ def _texts(value: Any) -> Iterable[str]:
 
 
 def count_prompt(prompt: Any, model: str | None) -> int:
-    """Estimated input tokens of a request's ``messages`` (chat) or ``input`` (Responses)."""
+    """Estimated input tokens of a request's ``messages`` (chat) or ``input`` (Responses).
+
+    Chat messages are counted the way OpenAI's cookbook does: 3 tokens per message, plus
+    its role, content and name (and 1 for a name), plus 3 to prime the reply.
+    """
     if prompt is None:
         return 0
     tokens = sum(count_text(text, model) for text in _texts(prompt))
     if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
         tokens += _TOKENS_PER_MESSAGE * len(prompt) + _TOKENS_PER_REPLY
+        for message in prompt:
+            for key in ("role", "name"):
+                if isinstance(message.get(key), str):
+                    tokens += count_text(message[key], model) + (1 if key == "name" else 0)
     return tokens

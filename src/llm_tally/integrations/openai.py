@@ -40,7 +40,7 @@ from .._record import (
 from .._tally import default_tally
 from .._tokens import count_prompt, count_text
 from .._validation import check_properties, check_user_id
-from .openai_usage import Usage, read_body, read_usage
+from .openai_usage import BodyUsage, Usage, read_body, read_truncated_body, read_usage
 
 if TYPE_CHECKING:
     from .._scope import Scope
@@ -57,6 +57,7 @@ _RESPONSES_TERMINAL = ("response.completed", "response.incomplete", "response.fa
 _HELICONE_USER = "helicone-user-id"
 _HELICONE_PROPERTY = "helicone-property-"
 _TAIL_BYTES = 64 * 1024
+_HEAD_BYTES = 4 * 1024
 COST_NOT_BILLED = "not-billed"
 T = TypeVar("T")
 
@@ -386,7 +387,7 @@ class _Call:
         self.finished = True
         if self.stream_attached or self.raw_finish is not None:
             self.tally.untrack_open_call(self)
-            if self.scope is not None and self.scope.open_calls is not None:
+            if self.scope is not None:
                 self.scope.open_calls.discard(self)
         record = CallRecord(
             id=new_record_id(),
@@ -433,11 +434,8 @@ class _Call:
             stream._iterator = _observe_async(stream._iterator, self)
             _hook_async_close(response, self)
         self.tally.track_open_call(self)
-        scope = self.scope
-        if scope is not None:
-            if scope.open_calls is None:
-                scope.open_calls = set()
-            scope.open_calls.add(self)
+        if self.scope is not None:
+            self.scope.open_calls.add(self)
         # A stream dropped without being read or closed is recorded when it is collected.
         weakref.finalize(stream, _abort_if_open, weakref.ref(self)).atexit = False
 
@@ -513,7 +511,7 @@ class _Call:
         self.http_status = http.status_code
         self.request_id = http.headers.get("x-request-id") or self.request_id
         if hasattr(http, "_content") and not _is_event_stream(http):
-            self._finish_from_body(http.content)
+            self._finish_from_body(read_body(http.content))
             return
         # The body is read later (with_streaming_response) or parsed into a Stream later:
         # keep a bounded tail of the bytes, and finish when the response is closed.
@@ -530,12 +528,16 @@ class _Call:
         def on_close() -> None:
             if self.stream_attached or self.finished:
                 return
-            body = http.content if hasattr(http, "_content") else (tap.bytes() if tap else b"")
-            self._finish_from_body(body)
+            if hasattr(http, "_content"):
+                self._finish_from_body(read_body(http.content))
+            else:
+                self._finish_from_body(tap.read() if tap is not None else BodyUsage())
 
         # Until then it is an open call: a request that ends first records it as it stands.
         self.raw_finish = on_close
         self.tally.track_open_call(self)
+        if self.scope is not None:
+            self.scope.open_calls.add(self)
         if self.is_async:
             original_aclose = http.aclose
 
@@ -557,8 +559,7 @@ class _Call:
 
             http.close = close  # type: ignore[method-assign]
 
-    def _finish_from_body(self, body: bytes) -> None:
-        found = read_body(body)
+    def _finish_from_body(self, found: BodyUsage) -> None:
         self.response_model = found.model or self.response_model
         self.usage = found.usage
         self.output_parts = found.output_parts
@@ -724,22 +725,28 @@ def _is_async_parse(method: Any) -> bool:
 
 
 class _Tail:
-    """The last ``_TAIL_BYTES`` of a body: enough to find the final usage object."""
+    """The first and last bytes of a body: enough to find its model and final usage object."""
 
-    __slots__ = ("chunks", "size")
+    __slots__ = ("chunks", "head", "size", "truncated")
 
     def __init__(self) -> None:
+        self.head = b""
         self.chunks: list[bytes] = []
         self.size = 0
+        self.truncated = False
 
     def add(self, chunk: bytes) -> None:
+        if len(self.head) < _HEAD_BYTES:
+            self.head += chunk[: _HEAD_BYTES - len(self.head)]
         self.chunks.append(chunk)
         self.size += len(chunk)
         while self.size - len(self.chunks[0]) >= _TAIL_BYTES:
             self.size -= len(self.chunks.pop(0))
+            self.truncated = True
 
-    def bytes(self) -> bytes:
-        return b"".join(self.chunks)
+    def read(self) -> BodyUsage:
+        tail = b"".join(self.chunks)
+        return read_truncated_body(self.head, tail) if self.truncated else read_body(tail)
 
 
 class _SyncTap(httpx2.SyncByteStream):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 _USAGE_KEY = b'"usage"'
+_MODEL = re.compile(rb'"model"\s*:\s*"([^"]{1,256})"')
 
 
 def _get(obj: Any, name: str) -> Any:
@@ -127,14 +129,28 @@ def read_body(body: bytes) -> BodyUsage:
                 continue
         if found.usage is not None:
             return found
-    # A truncated body (only its tail was kept): decode the last usage object found.
-    position = body.rfind(_USAGE_KEY)
+    return _scan_for_usage(found, body, body)
+
+
+def read_truncated_body(head: bytes, tail: bytes) -> BodyUsage:
+    """A body too large to keep whole: the model from its start, the last usage from its end."""
+    return _scan_for_usage(BodyUsage(), head, tail)
+
+
+def _scan_for_usage(found: BodyUsage, head: bytes, tail: bytes) -> BodyUsage:
+    if found.model is None:
+        match = _MODEL.search(head) or _MODEL.search(tail)
+        found.model = match.group(1).decode("utf-8", "replace") if match else None
+    position = tail.rfind(_USAGE_KEY)
     if position >= 0:
-        start = body.find(b"{", position)
+        start = tail.find(b"{", position)
         if start >= 0:
             try:
-                value, _ = json.JSONDecoder().raw_decode(body[start:].decode("utf-8", "replace"))
+                value, _ = json.JSONDecoder().raw_decode(tail[start:].decode("utf-8", "replace"))
             except ValueError:
                 value = None
-            found.usage = read_usage(value) or found.usage
+            usage = read_usage(value)
+            if usage is not None:
+                found.usage = usage
+                found.complete = True
     return found
