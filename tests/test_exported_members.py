@@ -9,6 +9,7 @@ def test_all_exports_exist_and_nothing_else_is_public() -> None:
         "storage",
         "demo",
         "middleware",
+        "web",
     }
     assert public == exported - {"__version__"}
     for name in exported:

@@ -16,12 +16,15 @@ from ._pricing import base_model
 from ._scope import bind_user, current_user_id, tag, user
 from ._tally import Tally, default_tally
 from .integrations.openai import instrument_openai, is_openai_instrumented, uninstrument_openai
+from .middleware import LLMUsageMiddleware, LLMUsageWSGIMiddleware
 from .storage.models import UsageRecord
 from .storage.queries import UserTotals
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LLMUsageMiddleware",
+    "LLMUsageWSGIMiddleware",
     "Tally",
     "UsageRecord",
     "UserTotals",

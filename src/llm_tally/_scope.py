@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol
 
@@ -26,7 +27,15 @@ class Scope:
     dict it started with.
     """
 
-    __slots__ = ("abort_open_calls_on_exit", "open_calls", "properties", "tally", "user_id")
+    __slots__ = (
+        "abort_open_calls_on_exit",
+        "open_calls",
+        "properties",
+        "resolve_properties",
+        "resolve_user",
+        "tally",
+        "user_id",
+    )
 
     def __init__(
         self,
@@ -41,6 +50,22 @@ class Scope:
         self.abort_open_calls_on_exit = abort_open_calls_on_exit
         # Streams started in this scope and not finished yet; shared by threads of the scope.
         self.open_calls: set[OpenCall] = set()
+        # Set by the web integrations: who the request's user is, asked only when a call
+        # needs it (the app's own authentication has run by then).
+        self.resolve_user: Callable[[], str | None] | None = None
+        self.resolve_properties: Callable[[], dict[str, str]] | None = None
+
+    def who(self) -> tuple[str | None, dict[str, str]]:
+        """The user and properties a call made now is charged to."""
+        if self.resolve_properties is not None:
+            resolve, self.resolve_properties = self.resolve_properties, None
+            found = resolve()
+            if found:
+                # Properties set explicitly with tag() win over the app's callable.
+                self.properties = {**found, **self.properties}
+        if self.user_id is None and self.resolve_user is not None:
+            self.user_id = self.resolve_user()
+        return self.user_id, self.properties
 
     def close(self) -> None:
         """End the scope: calls still streaming are recorded as aborted if so configured."""
@@ -53,8 +78,9 @@ class user:
     """Charge every LLM call made inside this block to ``user_id``.
 
     Works with ``with`` and ``async with``. Properties (``plan="pro"``) are attached to
-    each call; a nested block inherits the outer block's properties and may override
-    them. ``tally`` picks the Tally that records the calls (default: the process default).
+    each call; a nested block inherits the outer block's properties (and, with
+    ``user_id=None``, its user) and may override them. ``tally`` picks the Tally that
+    records the calls (default: the outer block's, else the process default).
     """
 
     __slots__ = ("_scope", "_token")
@@ -69,11 +95,16 @@ class user:
         checked_id = check_user_id(user_id)
         checked_properties = check_properties(properties)
         parent = current_scope.get()
+        resolve_user = None
         if parent is not None:
-            checked_properties = {**parent.properties, **checked_properties}
+            parent_user, parent_properties = parent.who()
+            checked_properties = {**parent_properties, **checked_properties}
             if tally is None:
                 tally = parent.tally
+            if checked_id is None:
+                checked_id, resolve_user = parent_user, parent.resolve_user
         self._scope = Scope(checked_id, checked_properties, tally)
+        self._scope.resolve_user = resolve_user
         self._token: contextvars.Token[Scope | None] | None = None
 
     def __enter__(self) -> user:
@@ -139,6 +170,6 @@ def tag(**properties: PropertyValue | None) -> None:
 
 
 def current_user_id() -> str | None:
-    """The user id bound to the current context, if any."""
+    """The user the current context charges calls to, if any."""
     scope = current_scope.get()
-    return scope.user_id if scope is not None else None
+    return scope.who()[0] if scope is not None else None

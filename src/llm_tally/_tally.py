@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import threading
 import time
+from collections.abc import Callable
 from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
 from types import TracebackType
@@ -26,10 +27,9 @@ from ._record import (
 from ._scope import OpenCall
 from ._time import TimeBound, bound_to_epoch_us, from_epoch_us, to_epoch_us
 from ._validation import check_properties, check_user_id
+from .storage import queries
 from .storage.engine import create_store_engine, create_tables, resolve_database_url
-from .storage.queries import ORDER_BY_VALUES, OrderBy, UserTotals
-from .storage.queries import user_totals as _user_totals
-from .storage.queries import users as _users
+from .storage.queries import ORDER_BY_VALUES, DayTotals, ModelTotals, OrderBy, UserTotals
 from .storage.writer import BackgroundWriter, Row
 
 InjectStreamUsage = bool | Literal["auto"]
@@ -290,12 +290,7 @@ class Tally:
         ``user_id=None`` gives the calls made outside any user context. Only stored records
         count: call :meth:`flush` first to include calls that just happened.
         """
-        return _user_totals(
-            self.engine,
-            check_user_id(user_id),
-            bound_to_epoch_us(since, "since"),
-            bound_to_epoch_us(until, "until"),
-        )
+        return queries.user_totals(self.engine, check_user_id(user_id), *_period(since, until))
 
     def users(
         self,
@@ -313,14 +308,25 @@ class Tally:
         for name, value, low in (("limit", limit, 1), ("offset", offset, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        return _users(
-            self.engine,
-            bound_to_epoch_us(since, "since"),
-            bound_to_epoch_us(until, "until"),
-            order_by,
-            min(limit, 10_000),
-            offset,
+        return queries.users(
+            self.engine, *_period(since, until), order_by, min(limit, 10_000), offset
         )
+
+    def count_users(self, since: TimeBound = None, until: TimeBound = None) -> int:
+        """How many distinct users made calls in ``[since, until)``."""
+        return queries.count_users(self.engine, *_period(since, until))
+
+    def user_by_model(
+        self, user_id: str | int | None, since: TimeBound = None, until: TimeBound = None
+    ) -> list[ModelTotals]:
+        """One user's totals per model, most expensive first."""
+        return queries.by_model(self.engine, check_user_id(user_id), *_period(since, until))
+
+    def user_daily(
+        self, user_id: str | int | None, since: TimeBound = None, until: TimeBound = None
+    ) -> list[DayTotals]:
+        """One user's totals per UTC day, oldest first."""
+        return queries.daily(self.engine, check_user_id(user_id), *_period(since, until))
 
     def stats(self) -> dict[str, Any]:
         """Health of the writer: queue depth, records written and dropped, last write error."""
@@ -333,6 +339,68 @@ class Tally:
             "last_write_error": s.last_write_error,
             "open_streams": len(self._open_calls),
         }
+
+    # -- web apps ----------------------------------------------------------------------------
+
+    def init_app(
+        self,
+        app: Any,
+        *,
+        identify: Callable[..., Any] | None = None,
+        properties: Callable[..., Any] | None = None,
+        authorize: Callable[[Any], Any] | None = None,
+        mount_path: str = "/llm-usage",
+        user_header: str | None = None,
+    ) -> None:
+        """Charge every LLM call made while serving a request to its user, and mount ``/llm-usage``.
+
+        Recognises FastAPI/Starlette (pure ASGI middleware + a mounted endpoint) and Flask
+        (WSGI middleware + a blueprint; state in ``app.extensions["llm_tally"]``).
+
+        - ``identify``: returns the request's user id. ASGI: ``identify(request)``, sync or
+          async. Flask: ``identify()``, called inside the request context.
+        - ``properties``: returns a dict of properties (e.g. the user's plan), same calling
+          convention as ``identify``.
+        - ``authorize``: ``authorize(request) -> bool`` (async allowed for ASGI) guards the
+          endpoint; without it only loopback clients not behind a proxy are let in.
+        - ``user_header``: opt in to trusting a header set by your gateway (e.g.
+          ``"X-User-Id"``). Off by default: any client could send it and spoof a user.
+        """
+        if not isinstance(mount_path, str) or not mount_path.startswith("/") or mount_path == "/":
+            raise ValueError(f"mount_path must be a path such as '/llm-usage', got {mount_path!r}")
+        options: dict[str, Any] = {
+            "identify": identify,
+            "properties": properties,
+            "authorize": authorize,
+            "mount_path": mount_path.rstrip("/"),
+            "user_header": user_header,
+        }
+        if hasattr(app, "wsgi_app") and hasattr(app, "extensions"):
+            from .web.flask import init_flask
+
+            init_flask(self, app, **options)
+        elif hasattr(app, "add_middleware") and hasattr(app, "mount"):
+            from .web.asgi import init_starlette
+
+            init_starlette(self, app, **options)
+        else:
+            raise TypeError(
+                f"init_app() supports FastAPI, Starlette and Flask apps, got {type(app).__name__}. "
+                "For another ASGI app wrap it in llm_tally.LLMUsageMiddleware and mount "
+                "tally.asgi_app(); for another WSGI app use llm_tally.LLMUsageWSGIMiddleware."
+            )
+
+    def asgi_app(
+        self,
+        *,
+        authorize: Callable[[Any], Any] | None = None,
+        identify: Callable[..., Any] | None = None,
+        user_header: str | None = None,
+    ) -> Any:
+        """The ``/llm-usage`` endpoint as an ASGI app, for manual mounting."""
+        from .web.asgi import usage_app
+
+        return usage_app(self, authorize=authorize, identify=identify, user_header=user_header)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -382,6 +450,10 @@ class Tally:
 
     def __repr__(self) -> str:
         return f"<Tally {self.database_url!r}{' closed' if self._closed else ''}>"
+
+
+def _period(since: TimeBound, until: TimeBound) -> tuple[int | None, int | None]:
+    return bound_to_epoch_us(since, "since"), bound_to_epoch_us(until, "until")
 
 
 def _create_tables(engine: Engine) -> None:

@@ -242,8 +242,10 @@ class _Call:
         self.model: str | None = model if isinstance(model, str) else None
         self.provider, self.base_url = _provider(client)
         self.is_async = isinstance(client, AsyncAPIClient)
-        self.user_id: str | None = scope.user_id if scope is not None else None
-        self.properties: dict[str, str] = scope.properties if scope is not None else {}
+        self.user_id: str | None = None
+        self.properties: dict[str, str] = {}
+        if scope is not None:
+            self.user_id, self.properties = scope.who()
         self.http_status: int | None = None
         self.request_id: str | None = None
         self.retries = 0

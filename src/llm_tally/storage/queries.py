@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -84,8 +84,7 @@ def user_totals(
     engine: Engine, user_id: str | None, since_us: int | None, until_us: int | None
 ) -> UserTotals:
     """Totals of one user (``None``: calls made outside any user context)."""
-    who = _c.user_id.is_(None) if user_id is None else _c.user_id == user_id
-    query = select(*_AGGREGATES).where(who, *_period(since_us, until_us))
+    query = select(*_AGGREGATES).where(_who(user_id), *_period(since_us, until_us))
     with engine.connect() as conn:
         row = conn.execute(query).one()
     return _totals(user_id, row)
@@ -116,3 +115,102 @@ def users(
     )
     with engine.connect() as conn:
         return [_totals(row.user_id, row) for row in conn.execute(query)]
+
+
+def count_users(engine: Engine, since_us: int | None, until_us: int | None) -> int:
+    """How many distinct users made calls in the period."""
+    query = select(func.count(func.distinct(_c.user_id))).where(
+        _c.user_id.is_not(None), *_period(since_us, until_us)
+    )
+    with engine.connect() as conn:
+        return int(conn.execute(query).scalar() or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelTotals:
+    """One model's share of a user's usage."""
+
+    model: str | None
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    cost_usd: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class DayTotals:
+    """One UTC day of a user's usage."""
+
+    day: date
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    cost_usd: Decimal
+
+
+_US_PER_DAY = 86_400_000_000
+
+
+def _who(user_id: str | None) -> ColumnElement[bool]:
+    column: ColumnElement[str | None] = _c.user_id
+    return column.is_(None) if user_id is None else column == user_id
+
+
+def by_model(
+    engine: Engine, user_id: str | None, since_us: int | None, until_us: int | None
+) -> list[ModelTotals]:
+    """A user's totals per model (the model that answered, else the one asked for)."""
+    model = func.coalesce(_c.response_model, _c.request_model)
+    query = (
+        select(
+            model.label("model"),
+            func.count().label("requests"),
+            func.coalesce(func.sum(_c.input_tokens), 0).label("input_tokens"),
+            func.coalesce(func.sum(_c.output_tokens), 0).label("output_tokens"),
+            func.coalesce(func.sum(_c.cost_nano_usd), 0).label("cost"),
+        )
+        .where(_who(user_id), *_period(since_us, until_us))
+        .group_by(model)
+        .order_by(func.coalesce(func.sum(_c.cost_nano_usd), 0).desc(), model)
+    )
+    with engine.connect() as conn:
+        return [
+            ModelTotals(
+                row.model,
+                int(row.requests),
+                int(row.input_tokens),
+                int(row.output_tokens),
+                nano_to_usd(int(row.cost)),
+            )
+            for row in conn.execute(query)
+        ]
+
+
+def daily(
+    engine: Engine, user_id: str | None, since_us: int | None, until_us: int | None
+) -> list[DayTotals]:
+    """A user's totals per UTC day, oldest first (days without calls are left out)."""
+    day = (_c.ts // _US_PER_DAY).label("day")
+    query = (
+        select(
+            day,
+            func.count().label("requests"),
+            func.coalesce(func.sum(_c.input_tokens), 0).label("input_tokens"),
+            func.coalesce(func.sum(_c.output_tokens), 0).label("output_tokens"),
+            func.coalesce(func.sum(_c.cost_nano_usd), 0).label("cost"),
+        )
+        .where(_who(user_id), *_period(since_us, until_us))
+        .group_by(day)
+        .order_by(day)
+    )
+    with engine.connect() as conn:
+        return [
+            DayTotals(
+                from_epoch_us(int(row.day) * _US_PER_DAY).date(),
+                int(row.requests),
+                int(row.input_tokens),
+                int(row.output_tokens),
+                nano_to_usd(int(row.cost)),
+            )
+            for row in conn.execute(query)
+        ]

@@ -1,0 +1,103 @@
+"""Pure ASGI middleware: every LLM call made while serving a request is charged to its user."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .._context import current_scope
+from .._scope import Scope as UsageScope
+from ._identify import (
+    call_app_code_async,
+    check_callable,
+    check_header,
+    properties_from,
+    user_from_asgi_header,
+    user_from_starlette,
+    user_id_from,
+)
+
+if TYPE_CHECKING:
+    from .._tally import Tally
+
+Identify = Callable[[Request], Any | Awaitable[Any]]
+Properties = Callable[[Request], dict[str, Any] | Awaitable[dict[str, Any]]]
+
+
+class LLMUsageMiddleware:
+    """Opens a usage scope for each HTTP request; websocket and lifespan pass through untouched.
+
+    The request's user is, in order: ``llm_tally.bind_user()`` called while serving it (for
+    example in an auth dependency); ``identify(request)`` (sync or async); Starlette's
+    ``scope["user"]`` when authenticated; the ``user_header`` if you opted in to trusting
+    one. ``properties(request)`` adds properties such as the user's plan. LLM streams still
+    open when the request ends are recorded as aborted.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        tally: Tally | None = None,
+        identify: Identify | None = None,
+        properties: Properties | None = None,
+        user_header: str | None = None,
+    ) -> None:
+        from .._tally import Tally
+
+        if tally is not None and not isinstance(tally, Tally):
+            raise ValueError(f"tally must be a llm_tally.Tally or None, got {type(tally).__name__}")
+        check_callable(identify, "identify")
+        check_callable(properties, "properties")
+        self.app = app
+        self.tally = tally
+        self.identify = identify
+        self.properties = properties
+        self.user_header = check_header(user_header)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        usage = UsageScope(None, {}, self.tally, abort_open_calls_on_exit=True)
+        usage.resolve_user = functools.partial(_later_user, scope, self.user_header)
+        token = current_scope.set(usage)
+        try:
+            if self.identify is not None or self.properties is not None:
+                await self._identify(usage, Request(scope, receive))
+            await self.app(scope, receive, send)
+        finally:
+            current_scope.reset(token)
+            usage.close()
+
+    async def _identify(self, usage: UsageScope, request: Request) -> None:
+        if self.identify is not None:
+            found = await call_app_code_async(self.identify, request, source="identify")
+            usage.user_id = usage.user_id or user_id_from(found, "identify()")
+        if self.properties is not None:
+            found = await call_app_code_async(self.properties, request, source="properties")
+            usage.properties = {**properties_from(found, "properties()"), **usage.properties}
+
+
+def _later_user(scope: Scope, header: str | None) -> str | None:
+    # Asked when a call starts: an AuthenticationMiddleware inside ours has run by then.
+    return user_from_starlette(scope) or user_from_asgi_header(scope, header)
+
+
+async def request_user(
+    request: Request, identify: Identify | None, user_header: str | None
+) -> str | None:
+    """The user of ``request`` as the middleware sees it (for ``/api/me``)."""
+    usage = current_scope.get()
+    if usage is not None and usage.who()[0] is not None:
+        return usage.who()[0]
+    if identify is not None:
+        found = user_id_from(
+            await call_app_code_async(identify, request, source="identify"), "identify()"
+        )
+        if found is not None:
+            return found
+    return _later_user(request.scope, user_header)

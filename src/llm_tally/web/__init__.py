@@ -1,0 +1,1 @@
+"""The ``/llm-usage`` endpoint (JSON API) and the framework wiring behind ``Tally.init_app``."""

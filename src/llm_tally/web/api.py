@@ -1,0 +1,175 @@
+"""The ``/llm-usage`` JSON API, framework-neutral: query parameters in, JSON-ready dicts out.
+
+The ASGI and Flask adapters only route, authorize and serialize; every number comes from
+here, so both frameworks answer identically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from .._time import TimeBound
+from .._validation import check_user_id
+from ..storage.queries import ORDER_BY_VALUES, DayTotals, ModelTotals, UserTotals
+
+if TYPE_CHECKING:
+    from .._tally import Tally
+
+MAX_LIMIT = 1000
+DEFAULT_LIMIT = 100
+
+FORBIDDEN_MESSAGE = (
+    "The llm-tally usage endpoint answers only loopback clients (127.0.0.1, ::1) that came "
+    "through no proxy unless you configure access: pass authorize=<callable(request) -> bool> "
+    "to tally.init_app(...) (see docs/fastapi.md or docs/flask.md)."
+)
+NO_USER_MESSAGE = (
+    "No user is signed in for this request: /api/me needs identify=..., Starlette's "
+    "AuthenticationMiddleware or Flask-Login to know who is asking."
+)
+
+
+class ApiError(Exception):
+    """A client error: answered with ``status`` and ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _parse_time(params: Mapping[str, str], name: str) -> TimeBound:
+    raw = params.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        if len(raw) == 10:
+            return date.fromisoformat(raw)
+        moment = datetime.fromisoformat(raw)
+    except ValueError:
+        raise ApiError(
+            400,
+            f"{name}: expected an ISO-8601 date (2026-11-01) or datetime "
+            f"(2026-11-01T00:00:00Z), got {raw[:64]!r}",
+        ) from None
+    return moment
+
+
+def _parse_int(params: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = params.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise ApiError(
+            400, f"{name}: expected a whole number from {low} to {high}, got {raw[:64]!r}"
+        )
+    return int(raw)
+
+
+def parse_period(params: Mapping[str, str]) -> tuple[TimeBound, TimeBound]:
+    since, until = _parse_time(params, "since"), _parse_time(params, "until")
+    if since is not None and until is not None and _as_utc(since) > _as_utc(until):
+        raise ApiError(400, "until: must not be before since")
+    return since, until
+
+
+def _as_utc(value: date | datetime) -> datetime:
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    return datetime(value.year, value.month, value.day, tzinfo=UTC)
+
+
+def iso(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def money(amount: Decimal) -> str:
+    """Exact decimal as a JSON string (JSON numbers are floats to most clients)."""
+    return format(amount, "f")
+
+
+def totals_json(totals: UserTotals) -> dict[str, Any]:
+    return {
+        "user_id": totals.user_id,
+        "requests": totals.requests,
+        "errors": totals.errors,
+        "input_tokens": totals.input_tokens,
+        "output_tokens": totals.output_tokens,
+        "cached_input_tokens": totals.cached_input_tokens,
+        "reasoning_tokens": totals.reasoning_tokens,
+        "cost_usd": money(totals.cost_usd),
+        "unpriced_requests": totals.unpriced_requests,
+        "first_seen": iso(totals.first_seen),
+        "last_seen": iso(totals.last_seen),
+    }
+
+
+def _model_json(row: ModelTotals) -> dict[str, Any]:
+    return {
+        "model": row.model,
+        "requests": row.requests,
+        "input_tokens": row.input_tokens,
+        "output_tokens": row.output_tokens,
+        "cost_usd": money(row.cost_usd),
+    }
+
+
+def _day_json(row: DayTotals) -> dict[str, Any]:
+    return {
+        "date": row.day.isoformat(),
+        "requests": row.requests,
+        "input_tokens": row.input_tokens,
+        "output_tokens": row.output_tokens,
+        "tokens": row.input_tokens + row.output_tokens,
+        "cost_usd": money(row.cost_usd),
+    }
+
+
+def users_page(tally: Tally, params: Mapping[str, str]) -> dict[str, Any]:
+    """``GET {mount}/api/users``: per-user totals for a period, sorted and paged."""
+    since, until = parse_period(params)
+    order_by = params.get("order_by") or "cost"
+    if order_by not in ORDER_BY_VALUES:
+        raise ApiError(
+            400, f"order_by: expected one of {', '.join(ORDER_BY_VALUES)}, got {order_by[:64]!r}"
+        )
+    limit = _parse_int(params, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+    offset = _parse_int(params, "offset", 0, 0, 10**9)
+    users = tally.users(since, until, order_by, limit, offset)  # type: ignore[arg-type]
+    return {
+        "users": [totals_json(t) for t in users],
+        "total": tally.count_users(since, until),
+    }
+
+
+def user_detail(tally: Tally, user_id: str, params: Mapping[str, str]) -> dict[str, Any]:
+    """``GET {mount}/api/users/{user_id}`` (and ``/api/me``): totals, by model, by day."""
+    try:
+        checked = check_user_id(user_id)
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
+    since, until = parse_period(params)
+    detail = totals_json(tally.user_totals(checked, since, until))
+    detail["by_model"] = [_model_json(m) for m in tally.user_by_model(checked, since, until)]
+    detail["daily"] = [_day_json(d) for d in tally.user_daily(checked, since, until)]
+    return detail
+
+
+INDEX_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>llm-tally</title>
+<style>body{font:16px system-ui,sans-serif;max-width:40rem;margin:3rem auto;padding:0 1rem}</style>
+</head><body><h1>llm-tally</h1>
+<p>Per-user LLM usage. JSON API:</p>
+<ul>
+<li><a href="api/users">api/users</a> — every user's totals
+(<code>?since=&amp;until=&amp;order_by=cost|requests|tokens|last_seen&amp;limit=&amp;offset=</code>)
+</li>
+<li><code>api/users/{user_id}</code> — one user's totals, by model and by day</li>
+<li><a href="api/me">api/me</a> — your own usage</li>
+</ul></body></html>
+"""
