@@ -11,6 +11,7 @@ loudly if the funnel moves.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 import weakref
@@ -496,6 +497,9 @@ class _Call:
         self.finish(self.status)
 
     def stream_failed(self, exc: BaseException) -> None:
+        if isinstance(exc, asyncio.CancelledError):
+            self.abort()  # the caller's task was cancelled: not a provider error
+            return
         self.status = STATUS_ERROR
         self.error_type = type(exc).__name__
         if isinstance(exc, APIStatusError):
@@ -662,11 +666,7 @@ async def _observe_async(inner: AsyncIterator[Any], call: _Call) -> AsyncIterato
         guard("stream abandoned", call.abort)
         raise
     except BaseException as exc:
-        # CancelledError (the task was cancelled) is an abort, not a provider error.
-        if type(exc).__name__ == "CancelledError":
-            guard("stream cancelled", call.abort)
-        else:
-            guard("stream failed", call.stream_failed, exc)
+        guard("stream failed", call.stream_failed, exc)
         raise
 
 

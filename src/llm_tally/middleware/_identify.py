@@ -25,6 +25,15 @@ def _warn_once(kind: str, exc: BaseException) -> None:
         )
 
 
+def check_middleware_arguments(tally: Any, identify: Any, properties: Any) -> None:
+    from .._tally import Tally
+
+    if tally is not None and not isinstance(tally, Tally):
+        raise ValueError(f"tally must be a llm_tally.Tally or None, got {type(tally).__name__}")
+    check_callable(identify, "identify")
+    check_callable(properties, "properties")
+
+
 def check_callable(value: Any, name: str) -> None:
     if value is not None and not callable(value):
         raise ValueError(f"{name} must be a callable or None, got {type(value).__name__}")

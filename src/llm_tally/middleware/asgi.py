@@ -13,8 +13,8 @@ from .._context import current_scope
 from .._scope import Scope as UsageScope
 from ._identify import (
     call_app_code_async,
-    check_callable,
     check_header,
+    check_middleware_arguments,
     properties_from,
     user_from_asgi_header,
     user_from_starlette,
@@ -46,12 +46,7 @@ class LLMUsageMiddleware:
         properties: Properties | None = None,
         user_header: str | None = None,
     ) -> None:
-        from .._tally import Tally
-
-        if tally is not None and not isinstance(tally, Tally):
-            raise ValueError(f"tally must be a llm_tally.Tally or None, got {type(tally).__name__}")
-        check_callable(identify, "identify")
-        check_callable(properties, "properties")
+        check_middleware_arguments(tally, identify, properties)
         self.app = app
         self.tally = tally
         self.identify = identify
