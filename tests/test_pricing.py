@@ -220,3 +220,44 @@ def test_pricer_uses_historical_prices_for_the_call_time() -> None:
         genai_request_timestamp=when,
     )
     assert cost == usd_to_nano(price.total_price) and source == "genai-prices"
+
+
+def test_fast_per_token_rates_give_exactly_genai_prices_totals() -> None:
+    """Every model of OpenAI, Anthropic and Google in genai-prices, many random usages."""
+    import random
+
+    from genai_prices import data_snapshot
+
+    rng = random.Random(42)
+    pricer = Pricer()
+    when = datetime(2026, 11, 1, tzinfo=UTC)
+    checked = 0
+    for provider in data_snapshot.get_snapshot().providers:
+        if provider.id not in ("openai", "anthropic", "google", "azure", "groq"):
+            continue
+        for model in provider.models:
+            for _ in range(5):
+                input_tokens = rng.randint(0, 2_000_000)
+                cached = rng.randint(0, input_tokens)
+                write = rng.randint(0, input_tokens - cached)
+                usage = TokenUsage(input_tokens, rng.randint(0, 500_000), cached, write)
+                try:
+                    expected = genai_prices.calc_price(
+                        genai_prices.Usage(
+                            input_tokens=usage.input_tokens,
+                            output_tokens=usage.output_tokens,
+                            cache_read_tokens=cached,
+                            cache_write_tokens=write,
+                        ),
+                        model.id,
+                        provider_id=provider.id,
+                        genai_request_timestamp=when,
+                    ).total_price
+                except (LookupError, ValueError):
+                    continue
+                cost, _ = pricer.cost_nano_usd(provider.id, (model.id,), usage, when)
+                assert cost == usd_to_nano(expected), (provider.id, model.id, usage)
+                checked += 1
+    assert checked > 500
+    fast = [rates for _, rates in pricer._rates.values() if rates is not None]
+    assert len(fast) > 100  # the per-token fast path was taken, not only genai-prices' own

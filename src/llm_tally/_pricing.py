@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from genai_prices import Usage, calc_price
+from genai_prices import Usage, data_snapshot
 from genai_prices.types import ModelPrice
 
 from ._money import usd_to_nano
@@ -48,6 +48,7 @@ class Pricer:
 
     def __init__(self) -> None:
         self._custom: dict[str, ModelPrice] = {}
+        self._rates: dict[int, tuple[ModelPrice, Rates | None]] = {}
         self._lock = threading.Lock()
 
     def set_price(
@@ -99,51 +100,118 @@ class Pricer:
         base_url: str | None = None,
     ) -> tuple[int | None, str]:
         """The cost in nano-USD and where it came from; ``(None, "unknown")`` when unpriced."""
-        genai_usage = Usage(
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
-            cache_read_tokens=usage.cached_input_tokens,
-            cache_write_tokens=usage.cache_write_tokens,
-        )
         names = [m for m in models if m]
         custom = self._custom
         for name in names:
             price = custom.get(name.lower())
             if price is not None:
-                return usd_to_nano(price.calc_price(genai_usage)["total_price"]), COST_CUSTOM
+                return usd_to_nano(self._total(price, usage)), COST_CUSTOM
         when = when or datetime.now(tz=UTC)
         for name in names:
-            total = _genai_price(genai_usage, name, provider, base_url, when)
-            if total is not None:
-                return usd_to_nano(total), COST_GENAI_PRICES
+            price = _model_price(name, provider, base_url, when)
+            if price is not None:
+                return usd_to_nano(self._total(price, usage)), COST_GENAI_PRICES
         for name in names:
             base = base_model(name)
             if base is None:
                 continue
-            total = _genai_price(genai_usage, base, provider, base_url, when)
-            if total is not None:
-                return usd_to_nano(total), COST_BASE_MODEL
+            price = _model_price(base, provider, base_url, when)
+            if price is not None:
+                return usd_to_nano(self._total(price, usage)), COST_BASE_MODEL
         return None, COST_UNKNOWN
 
+    def _total(self, price: ModelPrice, usage: TokenUsage) -> Decimal:
+        """USD for ``usage`` at ``price``: genai-prices' own arithmetic, or its per-token rates.
 
-def _genai_price(
-    usage: Usage, model: str, provider: str, base_url: str | None, when: datetime
-) -> Decimal | None:
+        ``ModelPrice.calc_price`` costs ~50 µs; for plain per-token prices (no tiers, no other
+        units) the same total is four multiplications. The rates are taken from genai-prices
+        and checked against its ``calc_price`` once per price before they are used.
+        """
+        cached = self._rates.get(id(price))
+        if cached is None or cached[0] is not price:
+            cached = (price, _linear_rates(price))
+            with self._lock:
+                self._rates[id(price)] = cached
+        rates = cached[1]
+        if rates is None:
+            total: Decimal = price.calc_price(_genai_usage(usage))["total_price"]
+            return total
+        return _linear_total(rates, usage)
+
+
+_RATE_KEYS = ("input_mtok", "cache_read_mtok", "cache_write_mtok", "output_mtok")
+_PROBES = (  # input (incl. cached and cache writes), output, cached, cache writes
+    TokenUsage(1_000_003, 500_009, 300_007, 200_001),
+    TokenUsage(7, 11, 0, 0),
+    TokenUsage(13, 0, 5, 3),
+)
+Rates = tuple[Decimal, Decimal, Decimal, Decimal]
+
+
+def _genai_usage(usage: TokenUsage) -> Usage:
+    return Usage(
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cache_read_tokens=usage.cached_input_tokens,
+        cache_write_tokens=usage.cache_write_tokens,
+    )
+
+
+def _linear_total(rates: Rates, usage: TokenUsage) -> Decimal:
+    uncached = usage.input_tokens - usage.cached_input_tokens - usage.cache_write_tokens
+    return (
+        rates[0] * uncached
+        + rates[1] * usage.cached_input_tokens
+        + rates[2] * usage.cache_write_tokens
+        + rates[3] * usage.output_tokens
+    ) / _ONE_MILLION
+
+
+def _linear_rates(price: ModelPrice) -> Rates | None:
+    """Per-million-token rates of a plain price, or None when only genai-prices can price it."""
+    fields = {k: v for k, v in vars(price).items() if v is not None and not k.startswith("_")}
+    if not all(isinstance(v, Decimal) for v in fields.values()):
+        return None  # tiered prices depend on the call's size
+    if "requests_kcount" in fields:
+        return None  # a per-request fee
+    # Other units (web searches, audio, images) are never in the token usage we price; the
+    # probes below prove the rates reproduce genai-prices for what we do price.
+    zero = Decimal(0)
+    input_rate = fields.get("input_mtok", zero)
+    rates: Rates = (
+        input_rate,
+        fields.get("cache_read_mtok", input_rate),
+        fields.get("cache_write_mtok", input_rate),
+        fields.get("output_mtok", zero),
+    )
+    for probe in _PROBES:
+        try:
+            expected = price.calc_price(_genai_usage(probe))["total_price"]
+        except ValueError:
+            return None
+        if _linear_total(rates, probe) != expected:
+            return None
+    return rates
+
+
+def _model_price(
+    model: str, provider: str, base_url: str | None, when: datetime
+) -> ModelPrice | None:
     # A known provider id prices exactly; an unknown OpenAI-compatible server is matched by
     # its URL if genai-prices knows it, else by the model name alone.
-    attempts: list[dict[str, str]]
+    attempts: list[tuple[str | None, str | None]]
     if provider and provider != UNKNOWN_PROVIDER:
-        attempts = [{"provider_id": provider}]
+        attempts = [(provider, None)]
     else:
         # An unknown OpenAI-compatible server: genai-prices may know it by URL, or guess the
         # provider from the model name; OpenAI's own price is the last resort for OpenAI names.
-        attempts = [{"provider_api_url": base_url}] if base_url else []
-        attempts += [{}, {"provider_id": "openai"}]
-    for kwargs in attempts:
+        attempts = [(None, base_url)] if base_url else []
+        attempts += [(None, None), ("openai", None)]
+    snapshot = data_snapshot.get_snapshot()
+    for provider_id, api_url in attempts:
         try:
-            result = calc_price(usage, model, genai_request_timestamp=when, **kwargs)  # type: ignore[call-overload]
+            _, info = snapshot.find_provider_model(model, None, provider_id, api_url)
         except LookupError:
             continue
-        total: Decimal = result.total_price
-        return total
+        return info.get_prices(when)
     return None

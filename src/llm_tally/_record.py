@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Protocol
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -17,20 +16,16 @@ USAGE_ESTIMATED = "estimated"  # counted here with tiktoken (no usage in the res
 USAGE_MANUAL = "manual"  # given to Tally.record()
 
 
-def new_record_id() -> str:
+def new_record_id(ts_us: int | None = None) -> str:
     """A 32-hex-digit id: time-ordered (good for B-tree inserts) and unique across processes."""
-    return f"{time.time_ns():016x}{os.urandom(8).hex()}"
+    ts_ns = time.time_ns() if ts_us is None else ts_us * 1000
+    return f"{ts_ns:016x}{os.urandom(8).hex()}"
 
 
-@dataclass(slots=True)
-class Estimate:
-    """What tiktoken needs when the provider reported no usage. Never stored."""
+class PendingRecord(Protocol):
+    """A finished call the writer thread still has to turn into a record."""
 
-    model: str | None
-    prompt: Any = None  # the request body's messages / input, counted in the writer thread
-    output_parts: list[str] = field(default_factory=list)
-    count_prompt: bool = True
-    count_output: bool = True
+    def to_record(self) -> CallRecord: ...
 
 
 @dataclass(slots=True)
@@ -60,7 +55,4 @@ class CallRecord:
     retries: int = 0
     usage_source: str = USAGE_PROVIDER
     request_id: str | None = None
-    base_url: str | None = None
-    # Run by the writer thread before pricing (parse a raw body, count estimated tokens):
-    # work kept off the caller's path. Holds request/response data only until then.
-    resolve: Callable[[CallRecord], None] | None = None
+    base_url: str | None = None  # of an OpenAI-compatible server, to look its prices up

@@ -22,6 +22,7 @@ from ._record import (
     STATUS_OK,
     USAGE_MANUAL,
     CallRecord,
+    PendingRecord,
     new_record_id,
 )
 from ._scope import OpenCall
@@ -30,7 +31,7 @@ from ._validation import check_properties, check_user_id
 from .storage import queries
 from .storage.engine import create_store_engine, create_tables, resolve_database_url
 from .storage.queries import ORDER_BY_VALUES, DayTotals, ModelTotals, OrderBy, UserTotals
-from .storage.writer import BackgroundWriter, Row
+from .storage.writer import BackgroundWriter, Row, row_of
 
 InjectStreamUsage = bool | Literal["auto"]
 
@@ -104,8 +105,12 @@ class Tally:
 
     # -- recording ---------------------------------------------------------------------------
 
-    def submit(self, record: CallRecord) -> None:
-        """Queue a finished call for storage (internal: used by the integrations)."""
+    def submit(self, record: CallRecord | PendingRecord) -> None:
+        """Queue a finished call for storage (internal: used by the integrations).
+
+        A ``PendingRecord`` is turned into a record by the writer thread, which keeps the
+        parsing of usage and token estimates off the caller's path.
+        """
         self._writer.submit(record)
 
     def track_open_call(self, call: OpenCall) -> None:
@@ -233,11 +238,15 @@ class Tally:
             cache_write_per_mtok=cache_write_per_mtok,
         )
 
-    def _to_row(self, record: CallRecord) -> Row | None:
+    def _to_row(self, item: CallRecord | PendingRecord) -> Row | None:
         """Resolve and price a record (writer thread); None drops a record we cannot store."""
-        if record.resolve is not None:
-            resolve, record.resolve = record.resolve, None
-            guard("resolve usage", resolve, record)
+        if isinstance(item, CallRecord):
+            record = item
+        else:
+            built = guard("build record", item.to_record)
+            if built is None:
+                return None
+            record = built
         if record.cost_nano_usd is None:
             priced = guard(
                 "pricing",
@@ -254,31 +263,9 @@ class Tally:
                 record.base_url,
             )
             record.cost_nano_usd, record.cost_source = priced or (None, _pricing.COST_UNKNOWN)
-        return {
-            "id": record.id,
-            "ts": record.ts_us,
-            "user_id": record.user_id,
-            "properties": record.properties,
-            "provider": record.provider,
-            "operation": record.operation,
-            "request_model": record.request_model,
-            "response_model": record.response_model,
-            "input_tokens": record.input_tokens,
-            "output_tokens": record.output_tokens,
-            "cached_input_tokens": record.cached_input_tokens,
-            "cache_write_tokens": record.cache_write_tokens,
-            "reasoning_tokens": record.reasoning_tokens,
-            "cost_nano_usd": record.cost_nano_usd,
-            "cost_source": record.cost_source or _pricing.COST_UNKNOWN,
-            "latency_us": record.latency_us,
-            "ttft_us": record.ttft_us,
-            "status": record.status,
-            "error_type": record.error_type,
-            "http_status": record.http_status,
-            "retries": record.retries,
-            "usage_source": record.usage_source,
-            "request_id": record.request_id,
-        }
+        if record.cost_source is None:
+            record.cost_source = _pricing.COST_UNKNOWN
+        return row_of(record)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -366,13 +353,13 @@ class Tally:
         - ``user_header``: opt in to trusting a header set by your gateway (e.g.
           ``"X-User-Id"``). Off by default: any client could send it and spoof a user.
         """
-        if not isinstance(mount_path, str) or not mount_path.startswith("/") or mount_path == "/":
-            raise ValueError(f"mount_path must be a path such as '/llm-usage', got {mount_path!r}")
+        from .web.api import check_mount_path
+
         options: dict[str, Any] = {
             "identify": identify,
             "properties": properties,
             "authorize": authorize,
-            "mount_path": mount_path.rstrip("/"),
+            "mount_path": check_mount_path(mount_path),
             "user_header": user_header,
         }
         if hasattr(app, "wsgi_app") and hasattr(app, "extensions"):

@@ -145,17 +145,15 @@ def _wrap_async_request(original: Any) -> Any:
     return request
 
 
-def _note_response(kwargs: dict[str, Any]) -> None:
-    call = _active_call.get()
-    if call is not None:
-        call.http_status = kwargs["response"].status_code
-        call.request_id = kwargs["response"].headers.get("x-request-id")
-        call.retries = kwargs.get("retries_taken", 0)
+# The final HTTP status and the retry count, noted without anything that could raise.
 
 
 def _wrap_process_response(original: Any) -> Any:
     def _process_response(self: Any, **kwargs: Any) -> Any:
-        guard("note response", _note_response, kwargs)
+        call = _active_call.get()
+        if call is not None:
+            call.http_status = getattr(kwargs.get("response"), "status_code", None)
+            call.retries = kwargs.get("retries_taken", 0)
         return original(self, **kwargs)
 
     return _process_response
@@ -163,7 +161,10 @@ def _wrap_process_response(original: Any) -> Any:
 
 def _wrap_async_process_response(original: Any) -> Any:
     async def _process_response(self: Any, **kwargs: Any) -> Any:
-        guard("note response", _note_response, kwargs)
+        call = _active_call.get()
+        if call is not None:
+            call.http_status = getattr(kwargs.get("response"), "status_code", None)
+            call.retries = kwargs.get("retries_taken", 0)
         return await original(self, **kwargs)
 
     return _process_response
@@ -172,13 +173,27 @@ def _wrap_async_process_response(original: Any) -> Any:
 # -- one call --------------------------------------------------------------------------------
 
 
+_providers: dict[tuple[int, int], tuple[Any, str, str]] = {}
+
+
 def _provider(client: Any) -> tuple[str, str]:
-    base_url = str(client.base_url)
+    """(provider, base URL) of a client, cached per client and base URL object."""
+    # The SDK's `base_url` property is slow (~1 µs); `_base_url` is what it returns.
+    url = getattr(client, "_base_url", None) or client.base_url
+    key = (id(client), id(url))
+    cached = _providers.get(key)
+    if cached is not None and cached[0] is url:
+        return cached[1], cached[2]
     if isinstance(client, AzureOpenAI | AsyncAzureOpenAI):
-        return "azure", base_url
-    if client.base_url.host == "api.openai.com":
-        return "openai", base_url
-    return UNKNOWN_PROVIDER, base_url
+        provider = "azure"
+    elif url.host == "api.openai.com":
+        provider = "openai"
+    else:
+        provider = UNKNOWN_PROVIDER
+    if len(_providers) > 1024:  # clients come and go: keep the cache small
+        _providers.clear()
+    _providers[key] = (url, provider, str(url))
+    return provider, str(url)
 
 
 def _retries_from(request: Any) -> int:
@@ -189,39 +204,31 @@ def _retries_from(request: Any) -> int:
 
 
 class _Call:
-    """One logical SDK call, from ``request()`` to its last streamed byte."""
+    """One logical SDK call, from ``request()`` to its last streamed byte.
 
-    __slots__ = (
-        "__weakref__",
-        "base_url",
-        "body",
-        "error_type",
-        "finished",
-        "hide_usage_chunk",
-        "http_status",
-        "is_async",
-        "model",
-        "operation",
-        "options",
-        "output_parts",
-        "properties",
-        "provider",
-        "pulling",
-        "raw_finish",
-        "request_id",
-        "response_model",
-        "retries",
-        "saw_end",
-        "scope",
-        "start",
-        "status",
-        "stream_attached",
-        "tally",
-        "ts_us",
-        "ttft_us",
-        "usage",
-        "user_id",
-    )
+    Most attributes start as class-level defaults: a plain call sets only what it needs.
+    """
+
+    http_status: int | None = None
+    request_id: str | None = None
+    retries = 0
+    # Read by the writer thread after the call finished, not on the caller's path:
+    usage: Any = None  # Usage, or the provider's usage object from a stream
+    response: httpx2.Response | None = None  # of a stream or raw response
+    body_source: bytes | _Tail | None = None  # a raw body to read usage from
+    billed = True
+    latency_us = 0
+    response_model: str | None = None
+    output_parts: list[str] = []
+    ttft_us: int | None = None
+    saw_end = False
+    finished = False
+    pulling = False
+    stream_attached = False
+    hide_usage_chunk = False
+    status = STATUS_OK
+    error_type: str | None = None
+    raw_finish: Callable[[], None] | None = None
 
     def __init__(
         self,
@@ -230,7 +237,7 @@ class _Call:
         operation: str,
         client: Any,
         options: Any,
-        body: Mapping[str, Any],
+        body: dict[str, Any],
     ) -> None:
         self.start = time.perf_counter()
         self.ts_us = time.time_ns() // 1000
@@ -238,7 +245,7 @@ class _Call:
         self.scope = scope
         self.operation = operation
         self.options = options
-        self.body: Mapping[str, Any] | None = body
+        self.body: dict[str, Any] | None = body
         model = body.get("model")
         self.model: str | None = model if isinstance(model, str) else None
         self.provider, self.base_url = _provider(client)
@@ -247,21 +254,6 @@ class _Call:
         self.properties: dict[str, str] = {}
         if scope is not None:
             self.user_id, self.properties = scope.who()
-        self.http_status: int | None = None
-        self.request_id: str | None = None
-        self.retries = 0
-        self.usage: Usage | None = None
-        self.response_model: str | None = None
-        self.output_parts: list[str] = []
-        self.ttft_us: int | None = None
-        self.saw_end = False
-        self.finished = False
-        self.pulling = False
-        self.stream_attached = False
-        self.hide_usage_chunk = False
-        self.status = STATUS_OK
-        self.error_type: str | None = None
-        self.raw_finish: Callable[[], None] | None = None
 
     @classmethod
     def begin(cls, client: Any, options: Any, stream: bool) -> _Call | None:
@@ -273,13 +265,15 @@ class _Call:
         tally: Tally | None = scope.tally if scope is not None else None
         if tally is None:
             tally = default_tally()
-        if tally is None or tally.closed:
+        if tally is None or tally._closed:
             return None
-        body = options.json_data if isinstance(options.json_data, Mapping) else {}
+        body = options.json_data if isinstance(options.json_data, dict) else {}
         call = cls(tally, scope, operation, client, options, body)
-        headers = options.headers if isinstance(options.headers, Mapping) else {}
+        headers = options.headers if isinstance(options.headers, dict) else {}
         client_headers = getattr(client, "_custom_headers", None) or {}
-        if _has_helicone(headers) or _has_helicone(client_headers):
+        if (headers and _has_helicone(headers)) or (
+            client_headers and _has_helicone(client_headers)
+        ):
             options = call._take_helicone_headers(options, client_headers, headers)
             headers = options.headers
         if call.user_id is None:
@@ -349,19 +343,24 @@ class _Call:
     # -- outcomes ----------------------------------------------------------------------------
 
     def observe_result(self, result: Any) -> None:
-        if isinstance(result, Stream | AsyncStream):
-            self._attach_stream(result)
-        elif isinstance(result, BaseAPIResponse | LegacyAPIResponse):
-            self._observe_raw(result, result.http_response)
-        elif isinstance(result, httpx2.Response):
-            self._observe_raw(None, result)
-        else:
-            self.usage = read_usage(getattr(result, "usage", None))
+        kind = _result_kinds.get(type(result))
+        if kind is None:
+            kind = _result_kinds[type(result)] = _result_kind(result)
+        if kind == _PARSED:
+            # Keep the usage object, not the result: holding whole results until the writer
+            # runs measurably slows the app (memory, caches). The writer reads the usage.
+            self.usage = getattr(result, "usage", None)
             model = getattr(result, "model", None)
             self.response_model = model if isinstance(model, str) else None
-            self.request_id = getattr(result, "_request_id", None) or self.request_id
+            self.request_id = getattr(result, "_request_id", None)
             self.saw_end = True
             self.finish(STATUS_OK)
+        elif kind == _STREAM:
+            self._attach_stream(result)
+        elif kind == _RAW:
+            self._observe_raw(result, result.http_response)
+        else:
+            self._observe_raw(None, result)
 
     def fail(self, exc: BaseException) -> None:
         """The request raised: an API error after retries, a timeout, or a connection error."""
@@ -385,15 +384,26 @@ class _Call:
             self.finish(STATUS_OK if self.saw_end else STATUS_ABORTED)
 
     def finish(self, status: str, billed: bool = True) -> None:
+        """The call is over: queue it. The writer thread turns it into a record."""
         if self.finished:
             return
         self.finished = True
+        self.latency_us = int((time.perf_counter() - self.start) * 1_000_000)
+        self.status = status
+        self.billed = billed
+        self.options = None
+        if self.usage is not None or not billed:
+            self.body = None  # the prompt is only kept for a token estimate
         if self.stream_attached or self.raw_finish is not None:
             self.tally.untrack_open_call(self)
             if self.scope is not None:
                 self.scope.open_calls.discard(self)
+        self.tally.submit(self)
+
+    def to_record(self) -> CallRecord:
+        """Writer thread: read usage, model and ids from what the call kept; estimate if needed."""
         record = CallRecord(
-            id=new_record_id(),
+            id=new_record_id(self.ts_us),
             ts_us=self.ts_us,
             user_id=self.user_id,
             properties=self.properties,
@@ -401,35 +411,53 @@ class _Call:
             operation=self.operation,
             request_model=self.model,
             response_model=self.response_model,
-            latency_us=int((time.perf_counter() - self.start) * 1_000_000),
+            latency_us=self.latency_us,
             ttft_us=self.ttft_us,
-            status=status,
+            status=self.status,
             error_type=self.error_type,
             http_status=self.http_status,
             retries=self.retries,
             request_id=self.request_id,
             base_url=self.base_url,
         )
-        usage = self.usage
+        response = self.response
+        if response is not None:
+            record.http_status = record.http_status or response.status_code
+            record.request_id = record.request_id or response.headers.get("x-request-id")
+        usage: Usage | None = None
+        parts = self.output_parts
+        if isinstance(self.usage, Usage):
+            usage = self.usage
+        elif self.usage is not None:
+            usage = read_usage(self.usage)
+        elif self.body_source is not None:
+            found = (
+                read_body(self.body_source)
+                if isinstance(self.body_source, bytes)
+                else self.body_source.read()
+            )
+            record.response_model = found.model or record.response_model
+            usage, parts = found.usage, found.output_parts
+            if not (found.complete or found.usage) and record.status == STATUS_OK:
+                record.status = STATUS_ABORTED
         if usage is not None:
             _apply_usage(record, usage)
-        elif not billed:
+        elif not self.billed:
             record.cost_nano_usd, record.cost_source = 0, COST_NOT_BILLED
         else:
             record.usage_source = USAGE_ESTIMATED
-            record.resolve = functools.partial(
-                _estimate, prompt=_prompt_of(self.operation, self.body), parts=self.output_parts
-            )
-        self.body = None
-        self.tally.submit(record)
+            model_name = record.response_model or record.request_model
+            record.input_tokens = count_prompt(_prompt_of(self.operation, self.body), model_name)
+            record.output_tokens = count_text("".join(parts), model_name)
+        return record
 
     # -- streams -----------------------------------------------------------------------------
 
     def _attach_stream(self, stream: Stream[Any] | AsyncStream[Any]) -> None:
         self.stream_attached = True
+        self.output_parts = []
         response = stream.response
-        self.http_status = response.status_code
-        self.request_id = response.headers.get("x-request-id") or self.request_id
+        self.response = response
         if isinstance(stream, Stream):
             stream._iterator = _observe_sync(stream._iterator, self)
             _hook_sync_close(response, self)
@@ -466,7 +494,7 @@ class _Call:
             self.response_model = item.model
         usage = item.usage
         if usage is not None:
-            self.usage = read_usage(usage)
+            self.usage = usage
             self.saw_end = True
             if self.hide_usage_chunk and not choices:
                 return False
@@ -482,7 +510,7 @@ class _Call:
             response = event.response
             self.response_model = response.model or self.response_model
             if kind in _RESPONSES_TERMINAL:
-                self.usage = read_usage(response.usage)
+                self.usage = response.usage
                 self.saw_end = True
                 if kind == "response.failed":
                     self.status = STATUS_ERROR
@@ -514,10 +542,9 @@ class _Call:
     # -- raw responses -----------------------------------------------------------------------
 
     def _observe_raw(self, api_response: Any, http: httpx2.Response) -> None:
-        self.http_status = http.status_code
-        self.request_id = http.headers.get("x-request-id") or self.request_id
+        self.response = http
         if hasattr(http, "_content") and not _is_event_stream(http):
-            self._finish_from_body(read_body(http.content))
+            self._finish_from_body(http.content)
             return
         # The body is read later (with_streaming_response) or parsed into a Stream later:
         # keep a bounded tail of the bytes, and finish when the response is closed.
@@ -534,10 +561,7 @@ class _Call:
         def on_close() -> None:
             if self.stream_attached or self.finished:
                 return
-            if hasattr(http, "_content"):
-                self._finish_from_body(read_body(http.content))
-            else:
-                self._finish_from_body(tap.read() if tap is not None else BodyUsage())
+            self._finish_from_body(http.content if hasattr(http, "_content") else (tap or b""))
 
         # Until then it is an open call: a request that ends first records it as it stands.
         self.raw_finish = on_close
@@ -565,12 +589,9 @@ class _Call:
 
             http.close = close  # type: ignore[method-assign]
 
-    def _finish_from_body(self, found: BodyUsage) -> None:
-        self.response_model = found.model or self.response_model
-        self.usage = found.usage
-        self.output_parts = found.output_parts
-        self.saw_end = found.complete
-        self.finish(self.status if found.complete or found.usage else STATUS_ABORTED)
+    def _finish_from_body(self, body: bytes | _Tail) -> None:
+        self.body_source = body  # read by the writer thread (see to_record)
+        self.finish(self.status)
 
 
 def _valid_or_none(check: Callable[..., T], value: Any, field: str) -> T | None:
@@ -600,6 +621,18 @@ def _abort_if_open(ref: weakref.ref[_Call]) -> None:
         guard("abandoned stream", call.abort)
 
 
+_PARSED, _STREAM, _RAW, _HTTP = range(4)
+_result_kinds: dict[type[Any], int] = {}
+
+
+def _result_kind(result: Any) -> int:
+    if isinstance(result, Stream | AsyncStream):
+        return _STREAM
+    if isinstance(result, BaseAPIResponse | LegacyAPIResponse):
+        return _RAW
+    return _HTTP if isinstance(result, httpx2.Response) else _PARSED
+
+
 def _apply_usage(record: CallRecord, usage: Usage) -> None:
     record.input_tokens = usage.input_tokens
     record.output_tokens = usage.output_tokens
@@ -616,13 +649,6 @@ def _prompt_of(operation: str, body: Mapping[str, Any] | None) -> Any:
     if operation == "responses":
         return [body.get("instructions"), body.get("input")]
     return body.get("prompt") if operation == "completions" else body.get("input")
-
-
-def _estimate(record: CallRecord, *, prompt: Any, parts: list[str]) -> None:
-    """Writer thread: count tokens with tiktoken when the provider reported none."""
-    model = record.response_model or record.request_model
-    record.input_tokens = count_prompt(prompt, model)
-    record.output_tokens = count_text("".join(parts), model)
 
 
 # -- stream observers ------------------------------------------------------------------------

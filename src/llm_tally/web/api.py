@@ -32,6 +32,18 @@ NO_USER_MESSAGE = (
 )
 
 
+def check_mount_path(mount_path: object) -> str:
+    """A mount path such as ``/llm-usage`` (without a trailing slash), or ValueError."""
+    if (
+        not isinstance(mount_path, str)
+        or not mount_path.startswith("/")
+        or not mount_path.strip("/")
+        or any(c.isspace() or c in "?#" for c in mount_path)
+    ):
+        raise ValueError(f"mount_path must be a path such as '/llm-usage', got {mount_path!r}")
+    return mount_path.rstrip("/")
+
+
 class ApiError(Exception):
     """A client error: answered with ``status`` and ``{"error": message}``."""
 
@@ -62,7 +74,8 @@ def _parse_int(params: Mapping[str, str], name: str, default: int, low: int, hig
     raw = params.get(name)
     if raw is None or raw == "":
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    # isascii(): str.isdigit() also accepts '²' and '①', which int() rejects.
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
         raise ApiError(
             400, f"{name}: expected a whole number from {low} to {high}, got {raw[:64]!r}"
         )

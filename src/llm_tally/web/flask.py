@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .._context import current_scope
+from .._scope import current_user_id
 from ..middleware._identify import (
     call_app_code,
     check_callable,
@@ -46,7 +48,7 @@ def init_flask(
     check_callable(identify, "identify")
     check_callable(properties, "properties")
     check_callable(authorize, "authorize")
-    mount_path = app.config.get("LLM_TALLY_MOUNT_PATH", mount_path)
+    mount_path = api.check_mount_path(app.config.get("LLM_TALLY_MOUNT_PATH", mount_path))
     header = check_header(app.config.get("LLM_TALLY_USER_HEADER", user_header))
 
     def resolve_user() -> str | None:
@@ -68,12 +70,27 @@ def init_flask(
     middleware.resolve_properties = resolve_properties if properties is not None else None
     app.wsgi_app = middleware  # type: ignore[method-assign]
 
+    @app.after_request
+    def resolve_before_streaming(response: Response) -> Response:
+        # A streamed body runs after Flask popped the request context (unless the app used
+        # stream_with_context): ask who the user is now, while identify() and Flask-Login
+        # still work.
+        if response.is_streamed:
+            usage = current_scope.get()
+            if usage is not None and usage.tally is tally:
+                usage.who()
+        return response
+
     def allowed() -> bool:
         if authorize is not None:
             return call_app_code(authorize, request, source="authorize") is True
         return is_loopback(request.remote_addr) and not any(
             h in request.headers for h in _FORWARDED
         )
+
+    def params() -> dict[str, str]:
+        # The last value of a repeated parameter, as Starlette reads it on the ASGI side.
+        return {key: values[-1] for key, values in request.args.lists()}
 
     def answer(build: Callable[[], dict[str, Any]], check: bool = True) -> tuple[Response, int]:
         if check and not allowed():
@@ -93,18 +110,18 @@ def init_flask(
 
     @blueprint.get("/api/users")
     def users() -> Any:
-        return answer(lambda: api.users_page(tally, request.args))
+        return answer(lambda: api.users_page(tally, params()))
 
     @blueprint.get("/api/users/<path:user_id>")
     def user_detail(user_id: str) -> Any:
-        return answer(lambda: api.user_detail(tally, user_id, request.args))
+        return answer(lambda: api.user_detail(tally, user_id, params()))
 
     @blueprint.get("/api/me")
     def me() -> Any:
-        user_id = resolve_user() or user_from_environ_header(request.environ, header)
+        user_id = current_user_id() or user_from_environ_header(request.environ, header)
         if user_id is None:
             return jsonify({"error": api.NO_USER_MESSAGE}), 401
-        return answer(lambda: api.user_detail(tally, user_id, request.args), check=False)
+        return answer(lambda: api.user_detail(tally, user_id, params()), check=False)
 
     app.register_blueprint(blueprint)
     app.extensions[EXTENSION] = tally
