@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._context import current_scope
 from .._scope import Scope as UsageScope
@@ -60,10 +60,26 @@ class LLMUsageMiddleware:
         usage = UsageScope(None, {}, self.tally, abort_open_calls_on_exit=True)
         usage.resolve_user = functools.partial(_later_user, scope, self.user_header)
         token = current_scope.set(usage)
+        response_done = False
+
+        async def receive_or_disconnect() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect" and not response_done:
+                # The client left mid-response. The request may not end for a while (a sync
+                # generator blocked on the LLM holds it): record its open LLM streams now.
+                usage.close()
+            return message
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal response_done
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                response_done = True
+            await send(message)
+
         try:
             if self.identify is not None or self.properties is not None:
                 await self._identify(usage, Request(scope, receive))
-            await self.app(scope, receive, send)
+            await self.app(scope, receive_or_disconnect, send_and_note)
         finally:
             current_scope.reset(token)
             usage.close()

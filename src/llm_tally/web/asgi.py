@@ -10,7 +10,13 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from ..middleware._identify import call_app_code_async, check_callable, check_header, is_loopback
+from ..middleware._identify import (
+    call_app_code_async,
+    check_callable,
+    check_header,
+    check_middleware_arguments,
+    is_loopback,
+)
 from ..middleware.asgi import Identify, LLMUsageMiddleware, Properties, request_user
 from . import api
 
@@ -102,6 +108,10 @@ def init_starlette(
         raise RuntimeError(
             "llm-tally is already set up on this app: call tally.init_app(app) once per app."
         )
+    # Check everything before touching the app: Starlette builds middleware only at the first
+    # request, so a bad argument would otherwise surface as a 500 on every request.
+    check_middleware_arguments(tally, identify, properties)
+    endpoint = usage_app(tally, authorize=authorize, identify=identify, user_header=user_header)
     app.add_middleware(
         LLMUsageMiddleware,
         tally=tally,
@@ -109,8 +119,5 @@ def init_starlette(
         properties=properties,
         user_header=user_header,
     )
-    app.mount(
-        mount_path,
-        usage_app(tally, authorize=authorize, identify=identify, user_header=user_header),
-    )
+    app.mount(mount_path, endpoint)
     app.state.llm_tally = tally
