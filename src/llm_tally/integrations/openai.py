@@ -28,7 +28,7 @@ from openai._response import BaseAPIResponse
 from openai.lib.azure import AsyncAzureOpenAI, AzureOpenAI
 
 from .._context import current_scope
-from .._internal import guard, logger
+from .._internal import guard, logger, report_internal_error
 from .._pricing import UNKNOWN_PROVIDER
 from .._record import (
     STATUS_ABORTED,
@@ -107,9 +107,17 @@ def _patch(cls: type[Any], name: str, make_wrapper: Any) -> None:
 # -- the wrappers ----------------------------------------------------------------------------
 
 
+# The two request wrappers are every call's hot path: the guard around our own code is
+# written out in them (same helper, no extra frame).
+
+
 def _wrap_sync_request(original: Any) -> Any:
     def request(self: Any, cast_to: Any, options: Any, *args: Any, **kwargs: Any) -> Any:
-        call = guard("begin call", _Call.begin, self, options, kwargs.get("stream", False))
+        try:
+            call = _Call.begin(self, options, kwargs.get("stream", False))
+        except Exception as exc:
+            report_internal_error("begin call", exc)
+            call = None
         if call is None:
             return original(self, cast_to, options, *args, **kwargs)
         token = _active_call.set(call)
@@ -120,7 +128,10 @@ def _wrap_sync_request(original: Any) -> Any:
             raise
         finally:
             _active_call.reset(token)
-        guard("observe result", call.observe_result, result)
+        try:
+            call.observe_result(result)
+        except Exception as exc:
+            report_internal_error("observe result", exc)
         return result
 
     return request
@@ -128,7 +139,11 @@ def _wrap_sync_request(original: Any) -> Any:
 
 def _wrap_async_request(original: Any) -> Any:
     async def request(self: Any, cast_to: Any, options: Any, *args: Any, **kwargs: Any) -> Any:
-        call = guard("begin call", _Call.begin, self, options, kwargs.get("stream", False))
+        try:
+            call = _Call.begin(self, options, kwargs.get("stream", False))
+        except Exception as exc:
+            report_internal_error("begin call", exc)
+            call = None
         if call is None:
             return await original(self, cast_to, options, *args, **kwargs)
         token = _active_call.set(call)
@@ -139,7 +154,10 @@ def _wrap_async_request(original: Any) -> Any:
             raise
         finally:
             _active_call.reset(token)
-        guard("observe result", call.observe_result, result)
+        try:
+            call.observe_result(result)
+        except Exception as exc:
+            report_internal_error("observe result", exc)
         return result
 
     return request
@@ -203,6 +221,9 @@ def _retries_from(request: Any) -> int:
         return 0
 
 
+_NO_PARTS: list[str] = []  # shared by calls with no streamed text; never appended to
+
+
 class _Call:
     """One logical SDK call, from ``request()`` to its last streamed byte.
 
@@ -219,7 +240,7 @@ class _Call:
     billed = True
     latency_us = 0
     response_model: str | None = None
-    output_parts: list[str] = []
+    output_parts: list[str] = _NO_PARTS  # a new list per stream
     ttft_us: int | None = None
     saw_end = False
     finished = False
@@ -391,9 +412,17 @@ class _Call:
         self.latency_us = int((time.perf_counter() - self.start) * 1_000_000)
         self.status = status
         self.billed = billed
+        # Keep only what the writer needs: holding responses, prompts and streamed text
+        # until it runs measurably slows the app.
         self.options = None
+        response = self.response
+        if response is not None:
+            self.http_status = self.http_status or response.status_code
+            self.request_id = self.request_id or response.headers.get("x-request-id")
+            self.response = None
         if self.usage is not None or not billed:
-            self.body = None  # the prompt is only kept for a token estimate
+            self.body = None  # the prompt and output text are only kept for an estimate
+            self.output_parts = _NO_PARTS
         if self.stream_attached or self.raw_finish is not None:
             self.tally.untrack_open_call(self)
             if self.scope is not None:
@@ -420,10 +449,6 @@ class _Call:
             request_id=self.request_id,
             base_url=self.base_url,
         )
-        response = self.response
-        if response is not None:
-            record.http_status = record.http_status or response.status_code
-            record.request_id = record.request_id or response.headers.get("x-request-id")
         usage: Usage | None = None
         parts = self.output_parts
         if isinstance(self.usage, Usage):
@@ -470,34 +495,39 @@ class _Call:
         # A stream dropped without being read or closed is recorded when it is collected.
         weakref.finalize(stream, _abort_if_open, weakref.ref(self)).atexit = False
 
-    def observe_item(self, item: Any) -> bool:
-        """Look at one streamed chunk/event; False hides it from the caller."""
-        if self.operation == "responses":
-            return self._observe_event(item)
-        choices = item.choices
+    def _observe_chunk(self, chunk: Any) -> bool:
+        """A chat (or legacy completions) chunk: output text, the end, the usage chunk.
+
+        Returns False for a chunk to hide from the caller (the usage chunk we asked for).
+        """
+        choices = chunk.choices
         if choices:
             if self.ttft_us is None:
                 self.ttft_us = int((time.perf_counter() - self.start) * 1_000_000)
             for choice in choices:
-                delta = getattr(choice, "delta", None)
-                text = getattr(delta, "content", None) if delta is not None else choice.text
+                delta = choice.__dict__.get("delta")
+                if delta is None:
+                    text = choice.__dict__.get("text")  # legacy completions
+                else:
+                    text = delta.content
+                    if delta.tool_calls:
+                        for tool_call in delta.tool_calls:
+                            arguments = tool_call.function and tool_call.function.arguments
+                            if arguments:
+                                self.output_parts.append(arguments)
                 if text:
                     self.output_parts.append(text)
-                if delta is not None and delta.tool_calls:
-                    for tool_call in delta.tool_calls:
-                        arguments = tool_call.function and tool_call.function.arguments
-                        if arguments:
-                            self.output_parts.append(arguments)
                 if choice.finish_reason:
                     self.saw_end = True
-        if item.model:
-            self.response_model = item.model
-        usage = item.usage
+        usage = chunk.usage
         if usage is not None:
+            self.response_model = chunk.model or self.response_model
             self.usage = usage
             self.saw_end = True
             if self.hide_usage_chunk and not choices:
                 return False
+        elif self.response_model is None:
+            self.response_model = chunk.model
         return True
 
     def _observe_event(self, event: Any) -> bool:
@@ -655,17 +685,24 @@ def _prompt_of(operation: str, body: Mapping[str, Any] | None) -> Any:
 
 
 def _observe_sync(inner: Iterator[Any], call: _Call) -> Iterator[Any]:
+    observe = call._observe_event if call.operation == "responses" else call._observe_chunk
     try:
         while True:
             call.pulling = True
             try:
                 item = next(inner)
             except StopIteration:
+                call.pulling = False
                 guard("stream ended", call.stream_ended)
                 return
-            finally:
-                call.pulling = False
-            if guard("observe chunk", call.observe_item, item) is not False:
+            call.pulling = False
+            # One chunk's cost matters (tens per call): the guard is inlined here.
+            try:
+                show = observe(item)
+            except Exception as exc:
+                report_internal_error("observe chunk", exc)
+                show = True
+            if show:
                 yield item
     except GeneratorExit:
         guard("stream abandoned", call.abort)
@@ -676,17 +713,23 @@ def _observe_sync(inner: Iterator[Any], call: _Call) -> Iterator[Any]:
 
 
 async def _observe_async(inner: AsyncIterator[Any], call: _Call) -> AsyncIterator[Any]:
+    observe = call._observe_event if call.operation == "responses" else call._observe_chunk
     try:
         while True:
             call.pulling = True
             try:
                 item = await inner.__anext__()
             except StopAsyncIteration:
+                call.pulling = False
                 guard("stream ended", call.stream_ended)
                 return
-            finally:
-                call.pulling = False
-            if guard("observe chunk", call.observe_item, item) is not False:
+            call.pulling = False
+            try:
+                show = observe(item)
+            except Exception as exc:
+                report_internal_error("observe chunk", exc)
+                show = True
+            if show:
                 yield item
     except GeneratorExit:
         guard("stream abandoned", call.abort)
