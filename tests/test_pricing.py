@@ -259,5 +259,7 @@ def test_fast_per_token_rates_give_exactly_genai_prices_totals() -> None:
                 assert cost == usd_to_nano(expected), (provider.id, model.id, usage)
                 checked += 1
     assert checked > 500
-    fast = [rates for _, rates in pricer._rates.values() if rates is not None]
+    fast = [rates for _, rates, _ in pricer._rates.values() if rates is not None]
     assert len(fast) > 100  # the per-token fast path was taken, not only genai-prices' own
+    whole = [nano for _, _, nano in pricer._rates.values() if nano is not None]
+    assert len(whole) > 50  # ...and its exact integer form for whole nano-USD rates

@@ -12,6 +12,7 @@ from genai_prices import Usage, data_snapshot
 from genai_prices.types import ModelPrice
 
 from ._money import usd_to_nano
+from ._time import from_epoch_us
 
 COST_GENAI_PRICES = "genai-prices"
 COST_BASE_MODEL = "genai-prices:base-model"  # a dated snapshot priced as its base model
@@ -48,7 +49,7 @@ class Pricer:
 
     def __init__(self) -> None:
         self._custom: dict[str, ModelPrice] = {}
-        self._rates: dict[int, tuple[ModelPrice, Rates | None]] = {}
+        self._rates: dict[int, tuple[ModelPrice, Rates | None, NanoRates | None]] = {}
         self._lock = threading.Lock()
 
     def set_price(
@@ -96,47 +97,62 @@ class Pricer:
         provider: str,
         models: tuple[str | None, ...],
         usage: TokenUsage,
-        when: datetime | None = None,
+        when: datetime | int | None = None,
         base_url: str | None = None,
     ) -> tuple[int | None, str]:
-        """The cost in nano-USD and where it came from; ``(None, "unknown")`` when unpriced."""
+        """The cost in nano-USD and where it came from; ``(None, "unknown")`` when unpriced.
+
+        ``when`` is the call's time (a datetime or epoch microseconds; default now): prices
+        that changed over time are taken as they were then.
+        """
         names = [m for m in models if m]
         custom = self._custom
         for name in names:
             price = custom.get(name.lower())
             if price is not None:
-                return usd_to_nano(self._total(price, usage)), COST_CUSTOM
-        when = when or datetime.now(tz=UTC)
+                return self._cost_nano(price, usage), COST_CUSTOM
+        if when is None:
+            when = datetime.now(tz=UTC)
         for name in names:
             price = _model_price(name, provider, base_url, when)
             if price is not None:
-                return usd_to_nano(self._total(price, usage)), COST_GENAI_PRICES
+                return self._cost_nano(price, usage), COST_GENAI_PRICES
         for name in names:
             base = base_model(name)
             if base is None:
                 continue
             price = _model_price(base, provider, base_url, when)
             if price is not None:
-                return usd_to_nano(self._total(price, usage)), COST_BASE_MODEL
+                return self._cost_nano(price, usage), COST_BASE_MODEL
         return None, COST_UNKNOWN
 
-    def _total(self, price: ModelPrice, usage: TokenUsage) -> Decimal:
-        """USD for ``usage`` at ``price``: genai-prices' own arithmetic, or its per-token rates.
+    def _cost_nano(self, price: ModelPrice, usage: TokenUsage) -> int:
+        """Nano-USD for ``usage`` at ``price``: genai-prices' own arithmetic, or its rates.
 
-        ``ModelPrice.calc_price`` costs ~50 µs; for plain per-token prices (no tiers, no other
-        units) the same total is four multiplications. The rates are taken from genai-prices
-        and checked against its ``calc_price`` once per price before they are used.
+        ``ModelPrice.calc_price`` costs ~50 µs; for plain per-token prices (no tiers, no
+        per-request fee) the same total is four multiplications. The rates are taken from
+        genai-prices and checked against its ``calc_price`` once per price before they are
+        used. Most prices are whole nano-USD per token ($0.15 / M = 150): then the sum is in
+        integers, exact, with nothing to round.
         """
         cached = self._rates.get(id(price))
         if cached is None or cached[0] is not price:
-            cached = (price, _linear_rates(price))
+            rates = _linear_rates(price)
+            cached = (price, rates, _whole_nano_rates(rates))
             with self._lock:
                 self._rates[id(price)] = cached
-        rates = cached[1]
-        if rates is None:
-            total: Decimal = price.calc_price(_genai_usage(usage))["total_price"]
-            return total
-        return _linear_total(rates, usage)
+        _, rates, nano_rates = cached
+        if nano_rates is not None:
+            uncached = usage.input_tokens - usage.cached_input_tokens - usage.cache_write_tokens
+            return (
+                nano_rates[0] * uncached
+                + nano_rates[1] * usage.cached_input_tokens
+                + nano_rates[2] * usage.cache_write_tokens
+                + nano_rates[3] * usage.output_tokens
+            )
+        if rates is not None:
+            return usd_to_nano(_linear_total(rates, usage))
+        return usd_to_nano(price.calc_price(_genai_usage(usage))["total_price"])
 
 
 _RATE_KEYS = ("input_mtok", "cache_read_mtok", "cache_write_mtok", "output_mtok")
@@ -146,6 +162,18 @@ _PROBES = (  # input (incl. cached and cache writes), output, cached, cache writ
     TokenUsage(13, 0, 5, 3),
 )
 Rates = tuple[Decimal, Decimal, Decimal, Decimal]
+NanoRates = tuple[int, int, int, int]
+_NANO_PER_TOKEN_PER_USD_PER_MTOK = 1000  # $1 / 1M tokens = 1,000 nano-USD per token
+
+
+def _whole_nano_rates(rates: Rates | None) -> NanoRates | None:
+    """The rates in nano-USD per token, when all are whole numbers."""
+    if rates is None:
+        return None
+    nano = [rate * _NANO_PER_TOKEN_PER_USD_PER_MTOK for rate in rates]
+    if any(value != value.to_integral_value() for value in nano):
+        return None
+    return (int(nano[0]), int(nano[1]), int(nano[2]), int(nano[3]))
 
 
 def _genai_usage(usage: TokenUsage) -> Usage:
@@ -195,7 +223,7 @@ def _linear_rates(price: ModelPrice) -> Rates | None:
 
 
 def _model_price(
-    model: str, provider: str, base_url: str | None, when: datetime
+    model: str, provider: str, base_url: str | None, when: datetime | int
 ) -> ModelPrice | None:
     # A known provider id prices exactly; an unknown OpenAI-compatible server is matched by
     # its URL if genai-prices knows it, else by the model name alone.
@@ -213,5 +241,7 @@ def _model_price(
             _, info = snapshot.find_provider_model(model, None, provider_id, api_url)
         except LookupError:
             continue
-        return info.get_prices(when)
+        if isinstance(info.prices, ModelPrice):
+            return info.prices  # one price for all times: no need to know when
+        return info.get_prices(when if isinstance(when, datetime) else from_epoch_us(when))
     return None

@@ -26,7 +26,7 @@ from ._record import (
     new_record_id,
 )
 from ._scope import OpenCall
-from ._time import TimeBound, bound_to_epoch_us, from_epoch_us, to_epoch_us
+from ._time import TimeBound, bound_to_epoch_us, to_epoch_us
 from ._validation import check_properties, check_user_id
 from .storage import queries
 from .storage.engine import create_store_engine, create_tables, resolve_database_url
@@ -259,7 +259,7 @@ class Tally:
                     record.cached_input_tokens,
                     record.cache_write_tokens,
                 ),
-                from_epoch_us(record.ts_us),
+                record.ts_us,
                 record.base_url,
             )
             record.cost_nano_usd, record.cost_source = priced or (None, _pricing.COST_UNKNOWN)

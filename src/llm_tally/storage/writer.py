@@ -65,13 +65,17 @@ def _insert_sqlite(conn: Connection, rows: list[Row]) -> None:
             )
             _SQLITE_INSERTS[len(chunk)] = statement
         parameters: list[Any] = []
+        last_value: Any = None
+        last_text = "null"
         for row in chunk:
-            if _JSON_POSITIONS:
-                row = tuple(
-                    json.dumps(value) if i in _JSON_POSITIONS else value
-                    for i, value in enumerate(row)
-                )
+            start = len(parameters)
             parameters.extend(row)
+            for i in _JSON_POSITIONS:
+                value = row[i]
+                # Calls of one request share one properties dict: encode it once.
+                if value is not last_value:
+                    last_value, last_text = value, json.dumps(value) if value else "{}"
+                parameters[start + i] = last_text
         conn.exec_driver_sql(statement, tuple(parameters))
 
 
