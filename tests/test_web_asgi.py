@@ -572,8 +572,8 @@ async def test_gathered_llm_calls_in_one_endpoint_are_all_charged_to_its_user(
 
 
 # == 4. websocket (and lifespan) scopes pass through untouched ===================================
-# No websocket server library (websockets, wsproto) is installed for uvicorn, and httpx2's
-# websocket client needs wsproto too: the ASGI app is driven by hand, as a server would.
+# Driven by hand, as a server would, to see the exact scope objects; a session through a real
+# uvicorn server is at the end of this file.
 
 
 async def drive_websocket(app: Any, scope: dict[str, Any], messages: list[str]) -> list[Any]:
@@ -1476,3 +1476,43 @@ def test_a_failing_identify_does_not_break_the_request(
     assert_matches(row, entry)
     assert (row["user_id"], row["properties"]) == (None, {})
     assert tally.user_totals(None).requests == 1
+
+
+def test_websocket_served_by_uvicorn_passes_through_and_can_charge_a_user(
+    tally: Tally, fake_llm: FakeServer
+) -> None:
+    """A real websocket session through uvicorn: the middleware leaves it alone, and an app
+    that wants its LLM calls charged opens a user context itself."""
+    from websockets.sync.client import connect
+
+    app = FastAPI()
+    seen_scopes: list[object] = []
+
+    @app.websocket("/ws")
+    async def chat(websocket: WebSocket) -> None:
+        await websocket.accept()
+        seen_scopes.append(current_scope.get())
+        user = websocket.query_params["user"]
+        async with openai.AsyncOpenAI(
+            base_url=fake_llm.base_url, api_key="k", max_retries=0
+        ) as llm:
+            async for text in websocket.iter_text():
+                async with llm_tally.user(user, channel="websocket"):
+                    answer = await llm.chat.completions.create(
+                        model="gpt-4o-mini", messages=[{"role": "user", "content": text}]
+                    )
+                await websocket.send_text(answer.choices[0].message.content or "")
+
+    tally.init_app(app)
+    with BackgroundServer(app) as server:
+        url = server.url.replace("http://", "ws://") + "/ws?user=ws-user"
+        with connect(url) as ws:
+            replies = []
+            for text in ("one two", "three four five"):
+                ws.send(text)
+                replies.append(ws.recv(timeout=10))
+    assert all(replies)
+    assert seen_scopes == [None]  # no usage scope was opened for the websocket
+    rows = stored_rows(tally)
+    assert [(r["user_id"], r["input_tokens"]) for r in rows] == [("ws-user", 2), ("ws-user", 3)]
+    assert all(r["properties"] == {"channel": "websocket"} for r in rows)
