@@ -17,6 +17,14 @@ from llm_tally.demo.fake_llm import FakeLLM
 from llm_tally.demo.serve import BackgroundServer
 from llm_tally.storage.models import usage_table
 
+# Stored record column -> the fake provider's ledger field.
+TOKEN_FIELDS = (
+    ("input_tokens", "input"),
+    ("output_tokens", "output"),
+    ("cached_input_tokens", "cached"),
+    ("reasoning_tokens", "reasoning"),
+)
+
 POSTGRES_URL = os.environ.get(
     "LLM_TALLY_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )

@@ -27,19 +27,13 @@ from genai_prices import Usage, calc_price
 import llm_tally
 from llm_tally import Tally
 from llm_tally.demo.fake_llm import WORDS
-from tests.conftest import FakeServer, stored_rows
+from tests.conftest import TOKEN_FIELDS, FakeServer, stored_rows
 
 KINDS = ("chat", "chat_stream", "responses", "responses_stream", "embeddings")
 # o3-mini reports reasoning tokens; all three have a genai-prices price (cached input too).
 CHAT_MODELS = ("gpt-4o-mini", "o3-mini", "gpt-4.1-mini")
 EMBEDDING_MODEL = "text-embedding-3-small"
 PLANS = ("free", "pro", "team")
-TOKEN_FIELDS = (
-    ("input_tokens", "input"),
-    ("output_tokens", "output"),
-    ("cached_input_tokens", "cached"),
-    ("reasoning_tokens", "reasoning"),
-)
 
 
 # -- what to call ------------------------------------------------------------------------------

@@ -37,15 +37,9 @@ from llm_tally._context import current_scope
 from llm_tally.demo.fake_llm import WORDS
 from llm_tally.demo.serve import BackgroundServer
 
-from .conftest import FakeServer, stored_rows
+from .conftest import TOKEN_FIELDS, FakeServer, stored_rows
 
 MODEL = "gpt-4o-mini"
-TOKEN_FIELDS = (
-    ("input_tokens", "input"),
-    ("output_tokens", "output"),
-    ("cached_input_tokens", "cached"),
-    ("reasoning_tokens", "reasoning"),
-)
 
 
 # -- the LLM side of the apps under test ------------------------------------------------------
