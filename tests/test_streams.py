@@ -302,3 +302,37 @@ def test_stream_broken_midway_is_an_error_with_tokens_seen(tally: Tally) -> None
     assert row["status"] == "error" and row["error_type"] == "APIConnectionError"
     assert row["output_tokens"] == count_text("one two", "gpt-4o-mini")
     assert row["usage_source"] == "estimated"
+
+
+def test_non_streamed_answer_without_usage_is_estimated_from_its_text(tally: Tally) -> None:
+    answer = "Paris is the capital of France."
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(
+            200,
+            json={
+                "id": "c",
+                "object": "chat.completion",
+                "created": 0,
+                "model": "gpt-4o-mini",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": answer},
+                        "finish_reason": "stop",
+                    }
+                ],
+            },
+        )
+
+    c = openai.OpenAI(
+        api_key="k",
+        base_url="http://compatible/v1",
+        http_client=httpx2.Client(transport=httpx2.MockTransport(handler)),
+    )
+    with llm_tally.user("u1"):
+        c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)  # type: ignore[arg-type]
+    row = only_row(tally)
+    assert row["usage_source"] == "estimated" and row["status"] == "ok"
+    assert row["output_tokens"] == count_text(answer, "gpt-4o-mini")
+    assert row["input_tokens"] == count_prompt(MESSAGES, "gpt-4o-mini")

@@ -5,7 +5,8 @@ copies, ``with_raw_response`` / ``with_streaming_response``, the ``.parse()`` an
 ``.stream()`` helpers) pass through ``SyncAPIClient.request`` / ``AsyncAPIClient.request``.
 Wrapping those two methods at class level sees every call exactly once (retries
 included), also on clients created before instrumentation. They are private names: the
-supported SDK range is pinned in pyproject.toml and ``tests/test_openai_funnel.py`` fails
+supported SDK range is pinned in pyproject.toml and
+``tests/test_instrumentation.py::test_the_sdk_funnel_llm_tally_relies_on_still_exists`` fails
 loudly if the funnel moves.
 """
 
@@ -371,6 +372,8 @@ class _Call:
             # Keep the usage object, not the result: holding whole results until the writer
             # runs measurably slows the app (memory, caches). The writer reads the usage.
             self.usage = getattr(result, "usage", None)
+            if self.usage is None:  # a server that reports no usage: keep the text to count
+                self.output_parts = _output_texts(result)
             model = getattr(result, "model", None)
             self.response_model = model if isinstance(model, str) else None
             self.request_id = getattr(result, "_request_id", None)
@@ -661,6 +664,24 @@ def _result_kind(result: Any) -> int:
     if isinstance(result, BaseAPIResponse | LegacyAPIResponse):
         return _RAW
     return _HTTP if isinstance(result, httpx2.Response) else _PARSED
+
+
+def _output_texts(result: Any) -> list[str]:
+    """The generated text of a non-streamed result (chat, legacy completions, Responses)."""
+    texts: list[str] = []
+    for choice in getattr(result, "choices", None) or ():
+        message = getattr(choice, "message", None)
+        text = getattr(message, "content", None) if message is not None else choice.text
+        if isinstance(text, str):
+            texts.append(text)
+        for tool_call in getattr(message, "tool_calls", None) or ():
+            arguments = getattr(getattr(tool_call, "function", None), "arguments", None)
+            if isinstance(arguments, str):
+                texts.append(arguments)
+    output_text = getattr(result, "output_text", None) if not texts else None
+    if isinstance(output_text, str):
+        texts.append(output_text)
+    return texts
 
 
 def _apply_usage(record: CallRecord, usage: Usage) -> None:
