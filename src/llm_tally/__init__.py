@@ -15,16 +15,21 @@ Quick start::
 from ._pricing import base_model
 from ._scope import bind_user, current_user_id, tag, user
 from ._tally import Tally, default_tally
+from ._time import month_period
 from .integrations.openai import instrument_openai, is_openai_instrumented, uninstrument_openai
 from .middleware import LLMUsageMiddleware, LLMUsageWSGIMiddleware
+from .storage.analytics import GroupTotals
 from .storage.models import UsageRecord
-from .storage.queries import UserTotals
+from .storage.queries import DayTotals, ModelTotals, UserTotals
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DayTotals",
+    "GroupTotals",
     "LLMUsageMiddleware",
     "LLMUsageWSGIMiddleware",
+    "ModelTotals",
     "Tally",
     "UsageRecord",
     "UserTotals",
@@ -35,6 +40,7 @@ __all__ = [
     "default_tally",
     "instrument_openai",
     "is_openai_instrumented",
+    "month_period",
     "tag",
     "uninstrument_openai",
     "user",

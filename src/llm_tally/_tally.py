@@ -5,7 +5,7 @@ from __future__ import annotations
 import atexit
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
 from types import TracebackType
@@ -28,7 +28,8 @@ from ._record import (
 from ._scope import OpenCall
 from ._time import TimeBound, bound_to_epoch_us, to_epoch_us
 from ._validation import check_properties, check_user_id
-from .storage import queries
+from .storage import analytics, queries
+from .storage.analytics import GroupTotals
 from .storage.engine import create_store_engine, create_tables, resolve_database_url
 from .storage.queries import ORDER_BY_VALUES, DayTotals, ModelTotals, OrderBy, UserTotals
 from .storage.writer import BackgroundWriter, Row, row_of
@@ -315,6 +316,41 @@ class Tally:
         """One user's totals per UTC day, oldest first."""
         return queries.daily(self.engine, check_user_id(user_id), *_period(since, until))
 
+    def totals_by(
+        self, dimension: str, since: TimeBound = None, until: TimeBound = None
+    ) -> list[GroupTotals]:
+        """Totals per value of a property (``"plan"``, ``"feature"``...) or of ``"user"``,
+        ``"model"``, ``"provider"``, ``"operation"``, most expensive first.
+
+        Each group has its users, requests, tokens, exact ``cost_usd`` and the averages
+        ``avg_cost_per_user`` and ``avg_cost_per_request``. Calls without the property are
+        grouped under ``value=None``.
+        """
+        return analytics.totals_by(self.engine, _check_dimension(dimension), *_period(since, until))
+
+    def has_property(self, key: str) -> bool:
+        """Whether any stored call carries the property ``key``."""
+        return analytics.has_property(self.engine, _check_dimension(key))
+
+    def iter_records(
+        self,
+        since: TimeBound = None,
+        until: TimeBound = None,
+        user_id: str | int | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Stored records of ``[since, until)`` in time order, streamed (for billing exports).
+
+        Times are epoch microseconds (``ts``) and money integer nano-USD (``cost_nano_usd``),
+        as stored.
+        """
+        return analytics.iter_records(
+            self.engine, *_period(since, until), user_id=check_user_id(user_id)
+        )
+
+    def count_records(self, since: TimeBound = None, until: TimeBound = None) -> int:
+        """How many calls were stored in ``[since, until)``."""
+        return analytics.count_records(self.engine, *_period(since, until))
+
     def stats(self) -> dict[str, Any]:
         """Health of the writer: queue depth, records written and dropped, last write error."""
         s = self._writer.stats
@@ -437,6 +473,19 @@ class Tally:
 
     def __repr__(self) -> str:
         return f"<Tally {self.database_url!r}{' closed' if self._closed else ''}>"
+
+
+def _check_dimension(dimension: str) -> str:
+    if dimension in analytics.BUILT_IN_DIMENSIONS:
+        return dimension
+    try:
+        check_properties({dimension: ""}, "dimension")
+    except ValueError:
+        raise ValueError(
+            f"dimension must be one of {', '.join(analytics.BUILT_IN_DIMENSIONS)} or a property "
+            f"name (1 to 64 printable characters), got {dimension!r}"
+        ) from None
+    return dimension
 
 
 def _period(since: TimeBound, until: TimeBound) -> tuple[int | None, int | None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -28,3 +29,40 @@ def bound_to_epoch_us(value: TimeBound, field: str) -> int | None:
 def from_epoch_us(value: int) -> datetime:
     """Epoch microseconds as an aware UTC datetime."""
     return datetime.fromtimestamp(value // 1_000_000, tz=UTC).replace(microsecond=value % 1_000_000)
+
+
+def month_period(
+    year: int | None = None, month: int | None = None, tz: str = "UTC"
+) -> tuple[datetime, datetime]:
+    """``[since, until)`` of a calendar month in the time zone ``tz`` (default: this month).
+
+    ``llm_tally.month_period(tz="Europe/Paris")`` is "this month" for a Paris invoice; pass
+    both bounds to any query that takes ``since``/``until``.
+    """
+    try:
+        zone = ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"tz must be an IANA time zone such as 'Europe/Paris', got {tz!r}"
+        ) from None
+    now = datetime.now(zone)
+    year = now.year if year is None else year
+    month = now.month if month is None else month
+    if not 1 <= month <= 12:
+        raise ValueError(f"month must be 1 to 12, got {month!r}")
+    since = datetime(year, month, 1, tzinfo=zone)
+    until = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=zone)
+    return since, until
+
+
+def parse_time_bound(text: str, field: str) -> date | datetime:
+    """A date (``2026-11-01``) or an ISO-8601 datetime (``2026-11-01T00:00:00Z``)."""
+    try:
+        if len(text) == 10:
+            return date.fromisoformat(text)
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"{field}: expected an ISO-8601 date (2026-11-01) or datetime "
+            f"(2026-11-01T00:00:00Z), got {text[:64]!r}"
+        ) from None

@@ -11,8 +11,9 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from .._time import TimeBound
+from .._time import TimeBound, parse_time_bound
 from .._validation import check_user_id
+from ..storage.analytics import GroupTotals
 from ..storage.queries import ORDER_BY_VALUES, DayTotals, ModelTotals, UserTotals
 
 if TYPE_CHECKING:
@@ -58,16 +59,9 @@ def _parse_time(params: Mapping[str, str], name: str) -> TimeBound:
     if raw is None or raw == "":
         return None
     try:
-        if len(raw) == 10:
-            return date.fromisoformat(raw)
-        moment = datetime.fromisoformat(raw)
-    except ValueError:
-        raise ApiError(
-            400,
-            f"{name}: expected an ISO-8601 date (2026-11-01) or datetime "
-            f"(2026-11-01T00:00:00Z), got {raw[:64]!r}",
-        ) from None
-    return moment
+        return parse_time_bound(raw, name)
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
 
 
 def _parse_int(params: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
@@ -173,6 +167,33 @@ def user_detail(tally: Tally, user_id: str, params: Mapping[str, str]) -> dict[s
     return detail
 
 
+def group_json(group: GroupTotals) -> dict[str, Any]:
+    return {
+        "value": group.value,
+        "users": group.users,
+        "requests": group.requests,
+        "errors": group.errors,
+        "input_tokens": group.input_tokens,
+        "output_tokens": group.output_tokens,
+        "cached_input_tokens": group.cached_input_tokens,
+        "reasoning_tokens": group.reasoning_tokens,
+        "cost_usd": money(group.cost_usd),
+        "avg_cost_per_user": money(group.avg_cost_per_user),
+        "avg_cost_per_request": money(group.avg_cost_per_request),
+        "unpriced_requests": group.unpriced_requests,
+    }
+
+
+def totals_by_page(tally: Tally, dimension: str, params: Mapping[str, str]) -> dict[str, Any]:
+    """``GET {mount}/api/by/{property}``: totals per value of a property (or user, model...)."""
+    since, until = parse_period(params)
+    try:
+        groups = tally.totals_by(dimension, since, until)
+    except ValueError as exc:
+        raise ApiError(400, f"property: {exc}") from None
+    return {"dimension": dimension, "groups": [group_json(g) for g in groups]}
+
+
 INDEX_HTML = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>llm-tally</title>
 <style>body{font:16px system-ui,sans-serif;max-width:40rem;margin:3rem auto;padding:0 1rem}</style>
@@ -183,6 +204,8 @@ INDEX_HTML = """<!doctype html>
 (<code>?since=&amp;until=&amp;order_by=cost|requests|tokens|last_seen&amp;limit=&amp;offset=</code>)
 </li>
 <li><code>api/users/{user_id}</code> — one user's totals, by model and by day</li>
+<li><code>api/by/{property}</code> — totals per plan, feature, model...
+(e.g. <a href="api/by/plan">api/by/plan</a>)</li>
 <li><a href="api/me">api/me</a> — your own usage</li>
 </ul></body></html>
 """

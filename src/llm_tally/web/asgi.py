@@ -86,6 +86,13 @@ def usage_app(
             methods=["GET"],
         ),
         Route(
+            "/api/by/{dimension}",
+            protected(
+                lambda r: api.totals_by_page(tally, r.path_params["dimension"], r.query_params)
+            ),
+            methods=["GET"],
+        ),
+        Route(
             "/api/users/{user_id:path}",
             protected(lambda r: api.user_detail(tally, r.path_params["user_id"], r.query_params)),
             methods=["GET"],

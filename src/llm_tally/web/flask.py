@@ -116,6 +116,10 @@ def init_flask(
     def user_detail(user_id: str) -> Any:
         return answer(lambda: api.user_detail(tally, user_id, params()))
 
+    @blueprint.get("/api/by/<dimension>")
+    def totals_by(dimension: str) -> Any:
+        return answer(lambda: api.totals_by_page(tally, dimension, params()))
+
     @blueprint.get("/api/me")
     def me() -> Any:
         user_id = current_user_id() or user_from_environ_header(request.environ, header)

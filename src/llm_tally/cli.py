@@ -1,0 +1,227 @@
+"""The ``llm-tally`` command line: ``demo``, ``report`` and ``export``."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable
+from typing import IO, Any
+
+from ._money import nano_to_usd
+from ._time import TimeBound, from_epoch_us, parse_time_bound
+from .storage.engine import resolve_database_url
+from .storage.queries import ORDER_BY_VALUES
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A mistake in the command line: printed, exit code 2."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        command: Callable[[argparse.Namespace], int] = args.run
+        return command(args)
+    except (CliError, ValueError) as exc:
+        print(f"llm-tally {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-tally", description="Per-user LLM usage and cost.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser(
+        "demo", help="serve a demo app whose users call a built-in fake LLM, with /llm-usage"
+    )
+    demo.add_argument(
+        "--database-url", default=None, help="store usage here (default: a temporary SQLite file)"
+    )
+    demo.add_argument(
+        "--host", default="127.0.0.1", help="interface to serve on (default: %(default)s)"
+    )
+    demo.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0: any)")
+    demo.add_argument("--once", action="store_true", help="play the scripted users, print, exit")
+    demo.set_defaults(run=_demo)
+
+    store = argparse.ArgumentParser(add_help=False)
+    store.add_argument(
+        "--database-url",
+        default=None,
+        help="the store (default: $LLM_TALLY_DATABASE_URL, else sqlite:///llm_tally.db)",
+    )
+    store.add_argument("--since", help="start, included: a date (2026-11-01) or ISO datetime")
+    store.add_argument("--until", help="end, excluded: a date (2026-12-01) or ISO datetime")
+
+    report = commands.add_parser(
+        "report", parents=[store], help="totals per user, plan, model, feature or any property"
+    )
+    report.add_argument(
+        "--by", default="user", help="user, model, provider, operation or a property such as plan"
+    )
+    report.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    report.add_argument("--order-by", choices=ORDER_BY_VALUES, default="cost", help="for --by user")
+    report.add_argument("--limit", type=int, default=1000, help="for --by user (default: 1000)")
+    report.set_defaults(run=_report)
+
+    export = commands.add_parser(
+        "export", parents=[store], help="every stored call of a period, for billing"
+    )
+    export.add_argument("--format", choices=("csv",), default="csv")
+    export.add_argument("--user", default=None, help="only this user's calls")
+    export.add_argument("--output", "-o", default="-", help="file to write (default: stdout)")
+    export.set_defaults(run=_export)
+    return parser
+
+
+def _period(args: argparse.Namespace) -> tuple[TimeBound, TimeBound]:
+    since = parse_time_bound(args.since, "--since") if args.since else None
+    until = parse_time_bound(args.until, "--until") if args.until else None
+    return since, until
+
+
+def _open_store(url: str | None) -> Any:
+    from ._tally import Tally
+
+    url = resolve_database_url(url)
+    if url.startswith("sqlite:///") and not os.path.exists(url.removeprefix("sqlite:///")):
+        raise CliError(f"no store at {url}: pass --database-url or set LLM_TALLY_DATABASE_URL")
+    return Tally(url, instrument=False)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo.run import run_demo
+
+    run_demo(args.database_url, host=args.host, port=args.port, once=args.once)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .web import api
+
+    since, until = _period(args)
+    with _open_store(args.database_url) as tally:
+        if args.by == "user":
+            users = tally.users(since, until, order_by=args.order_by, limit=args.limit)
+            rows = [api.totals_json(t) for t in users]
+        else:
+            if args.by not in ("model", "provider", "operation") and not tally.has_property(
+                args.by
+            ):
+                raise CliError(
+                    f"unknown property {args.by!r}: no stored call has it (use user, model, "
+                    "provider, operation or a property your app sets, such as plan)"
+                )
+            rows = [api.group_json(g) for g in tally.totals_by(args.by, since, until)]
+    _write(rows, args.format, sys.stdout)
+    return 0
+
+
+def _write(rows: list[dict[str, Any]], fmt: str, out: IO[str]) -> None:
+    if fmt == "json":
+        json.dump(rows, out, indent=2)
+        out.write("\n")
+        return
+    if not rows:
+        out.write("no calls in this period\n" if fmt == "table" else "")
+        return
+    columns = list(rows[0])
+    if fmt == "csv":
+        writer = csv.DictWriter(out, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        return
+    texts = [["" if row[c] is None else str(row[c]) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(t[i]) for t in texts)) for i, c in enumerate(columns)]
+    numeric = [all(_is_number(t[i]) for t in texts) for i in range(len(columns))]
+
+    def line(cells: Iterable[str]) -> str:
+        return "  ".join(
+            cell.rjust(w) if num else cell.ljust(w)
+            for cell, w, num in zip(cells, widths, numeric, strict=True)
+        ).rstrip()
+
+    out.write(line(columns) + "\n")
+    out.write(line("-" * w for w in widths) + "\n")
+    for cells in texts:
+        out.write(line(cells) + "\n")
+
+
+def _is_number(text: str) -> bool:
+    return text.replace(".", "", 1).isdigit()
+
+
+EXPORT_FIELDS = (
+    "id",
+    "time",
+    "user_id",
+    "properties",
+    "provider",
+    "operation",
+    "request_model",
+    "response_model",
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "cost_usd",
+    "cost_source",
+    "status",
+    "error_type",
+    "http_status",
+    "latency_ms",
+    "usage_source",
+    "request_id",
+)
+
+
+def export_row(record: dict[str, Any]) -> dict[str, Any]:
+    """A stored record as a CSV row: ISO-8601 UTC time, exact USD, JSON properties."""
+    cost = record["cost_nano_usd"]
+    latency = record["latency_us"]
+    return {
+        **{k: record[k] for k in EXPORT_FIELDS if k in record},
+        "time": from_epoch_us(record["ts"]).isoformat().replace("+00:00", "Z"),
+        "properties": json.dumps(record["properties"], sort_keys=True),
+        "cost_usd": "" if cost is None else format(nano_to_usd(cost), "f"),
+        "latency_ms": "" if latency is None else f"{latency / 1000:.3f}",
+    }
+
+
+def _export(args: argparse.Namespace) -> int:
+    since, until = _period(args)
+    with _open_store(args.database_url) as tally:
+        total = tally.count_records(since, until) if args.output != "-" else 0
+        out: IO[str]
+        out = sys.stdout if args.output == "-" else open(args.output, "w", newline="")  # noqa: SIM115
+        try:
+            writer = csv.DictWriter(out, fieldnames=EXPORT_FIELDS)
+            writer.writeheader()
+            for n, record in enumerate(tally.iter_records(since, until, user_id=args.user), 1):
+                writer.writerow(export_row(record))
+                if total and (n % 5000 == 0 or n == total):
+                    _progress(n, total)
+        finally:
+            if out is not sys.stdout:
+                out.close()
+        if total:
+            print(file=sys.stderr)
+    return 0
+
+
+def _progress(done: int, total: int) -> None:
+    width = 30
+    filled = width * done // total
+    print(
+        f"\rexporting [{'#' * filled}{'.' * (width - filled)}] {done:,}/{total:,}",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
