@@ -6,7 +6,7 @@ import atexit
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
 from types import TracebackType
 from typing import Any, Literal
@@ -26,9 +26,9 @@ from ._record import (
     new_record_id,
 )
 from ._scope import OpenCall
-from ._time import TimeBound, bound_to_epoch_us, to_epoch_us
+from ._time import TimeBound, bound_to_epoch_us, from_epoch_us, to_epoch_us
 from ._validation import check_properties, check_user_id
-from .storage import analytics, queries
+from .storage import analytics, insights, queries
 from .storage.analytics import GroupTotals
 from .storage.engine import create_store_engine, create_tables, resolve_database_url
 from .storage.queries import ORDER_BY_VALUES, DayTotals, ModelTotals, OrderBy, UserTotals
@@ -351,6 +351,101 @@ class Tally:
         """How many calls were stored in ``[since, until)``."""
         return analytics.count_records(self.engine, *_period(since, until))
 
+    def profitability(
+        self,
+        revenue: insights.Revenue,
+        since: TimeBound,
+        until: TimeBound,
+        by: str = "plan",
+    ) -> list[insights.UserProfit]:
+        """Each user's revenue, cost and margin for ``[since, until)``, least profitable first.
+
+        ``revenue`` maps a value of the property ``by`` (the plan on the user's latest call
+        in the period) to a monthly price, e.g. ``{"free": 0, "pro": "20.00"}``, or is a
+        callable ``user_id -> monthly price``. The price is counted per calendar month of the
+        period, partial months pro rata (``month_period()`` gives whole months).
+        """
+        if since is None or until is None:
+            raise ValueError("since and until are both needed to compute revenue for a period")
+        insights.check_revenue(revenue)
+        return insights.profitability(
+            self.engine,
+            revenue,
+            _check_dimension(by),
+            from_epoch_us(to_epoch_us(since, "since")),
+            from_epoch_us(to_epoch_us(until, "until")),
+        )
+
+    def activity(
+        self,
+        by: Literal["user", "model"] = "user",
+        since: TimeBound = None,
+        until: TimeBound = None,
+        key: str | None = None,
+    ) -> list[insights.Activity]:
+        """Per user (or model): first/last seen, active days, requests per active day, tokens
+        per request, error rate, latency p50/p95 and time-to-first-token p50. ``key`` limits
+        the answer to one user (or model)."""
+        if by not in ("user", "model"):
+            raise ValueError(f"by must be 'user' or 'model', got {by!r}")
+        return insights.activity(self.engine, by, *_period(since, until), key=key)
+
+    def anomalies(
+        self,
+        window: Literal["hour", "day"] = "hour",
+        now: datetime | None = None,
+        baseline_windows: int | None = None,
+        threshold: Decimal | int | str = 5,
+        min_requests: int = 5,
+    ) -> list[insights.Anomaly]:
+        """Users whose requests or cost in the last hour (or day) are far above their own
+        baseline (the previous 24 hours / 14 days by default) or the other users', by a
+        robust z-score (median and MAD) of at least ``threshold``; each with its reason."""
+        if window not in ("hour", "day"):
+            raise ValueError(f"window must be 'hour' or 'day', got {window!r}")
+        baseline = baseline_windows or (24 if window == "hour" else 14)
+        if isinstance(baseline, bool) or not isinstance(baseline, int) or baseline < 2:
+            raise ValueError(f"baseline_windows must be an int >= 2, got {baseline_windows!r}")
+        if isinstance(min_requests, bool) or not isinstance(min_requests, int) or min_requests < 1:
+            raise ValueError(f"min_requests must be an int >= 1, got {min_requests!r}")
+        if isinstance(threshold, float | bool):
+            raise ValueError("threshold must be a Decimal, int or str")
+        moment = now if now is not None else datetime.now(UTC)
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return insights.anomalies(
+            self.engine, window, moment, baseline, Decimal(threshold), min_requests
+        )
+
+    def expensive_calls(
+        self,
+        since: TimeBound = None,
+        until: TimeBound = None,
+        user_id: str | int | None = None,
+        limit: int = 20,
+    ) -> list[dict[str, Any]]:
+        """The costliest stored calls of the period (of one user if given)."""
+        return insights.expensive_calls(
+            self.engine, *_period(since, until), check_user_id(user_id), _check_limit(limit)
+        )
+
+    def expensive_pairs(
+        self,
+        dimension: str = "feature",
+        since: TimeBound = None,
+        until: TimeBound = None,
+        user_id: str | int | None = None,
+        limit: int = 20,
+    ) -> list[insights.PairTotals]:
+        """The costliest (model, property value) pairs, e.g. (gpt-4o, feature=summarize)."""
+        return insights.expensive_pairs(
+            self.engine,
+            _check_dimension(dimension),
+            *_period(since, until),
+            check_user_id(user_id),
+            _check_limit(limit),
+        )
+
     def stats(self) -> dict[str, Any]:
         """Health of the writer: queue depth, records written and dropped, last write error."""
         s = self._writer.stats
@@ -374,6 +469,7 @@ class Tally:
         authorize: Callable[[Any], Any] | None = None,
         mount_path: str = "/llm-usage",
         user_header: str | None = None,
+        revenue: insights.Revenue | None = None,
     ) -> None:
         """Charge every LLM call made while serving a request to its user, and mount ``/llm-usage``.
 
@@ -388,15 +484,20 @@ class Tally:
           endpoint; without it only loopback clients not behind a proxy are let in.
         - ``user_header``: opt in to trusting a header set by your gateway (e.g.
           ``"X-User-Id"``). Off by default: any client could send it and spoof a user.
+        - ``revenue``: monthly price per plan (``{"free": 0, "pro": "20.00"}``) or a callable
+          ``user_id -> monthly price``, for ``/api/profitability``.
         """
         from .web.api import check_mount_path
 
+        if revenue is not None:
+            insights.check_revenue(revenue)
         options: dict[str, Any] = {
             "identify": identify,
             "properties": properties,
             "authorize": authorize,
             "mount_path": check_mount_path(mount_path),
             "user_header": user_header,
+            "revenue": revenue,
         }
         if hasattr(app, "wsgi_app") and hasattr(app, "extensions"):
             from .web.flask import init_flask
@@ -419,11 +520,14 @@ class Tally:
         authorize: Callable[[Any], Any] | None = None,
         identify: Callable[..., Any] | None = None,
         user_header: str | None = None,
+        revenue: insights.Revenue | None = None,
     ) -> Any:
         """The ``/llm-usage`` endpoint as an ASGI app, for manual mounting."""
         from .web.asgi import usage_app
 
-        return usage_app(self, authorize=authorize, identify=identify, user_header=user_header)
+        return usage_app(
+            self, authorize=authorize, identify=identify, user_header=user_header, revenue=revenue
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -473,6 +577,12 @@ class Tally:
 
     def __repr__(self) -> str:
         return f"<Tally {self.database_url!r}{' closed' if self._closed else ''}>"
+
+
+def _check_limit(limit: int) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
+        raise ValueError(f"limit must be an int from 1 to 10000, got {limit!r}")
+    return limit
 
 
 def _check_dimension(dimension: str) -> str:

@@ -70,6 +70,49 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--limit", type=int, default=1000, help="for --by user (default: 1000)")
     report.set_defaults(run=_report)
 
+    activity = commands.add_parser(
+        "activity", parents=[store], help="cadence, call size, error rate, latency per user/model"
+    )
+    activity.add_argument("--by", choices=("user", "model"), default="user")
+    activity.add_argument("--key", default=None, help="only this user (or model)")
+    activity.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    activity.set_defaults(run=_page("activity_page", "rows", ("by", "key")))
+
+    anomalies = commands.add_parser(
+        "anomalies", parents=[store], help="users far above their own or other users' usage"
+    )
+    anomalies.add_argument("--window", choices=("hour", "day"), default="hour")
+    anomalies.add_argument("--threshold", default="5", help="robust z-score (default: 5)")
+    anomalies.add_argument("--min-requests", default="5", help="ignore quieter users")
+    anomalies.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    anomalies.set_defaults(
+        run=_page("anomalies_page", "anomalies", ("window", "threshold", "min_requests"))
+    )
+
+    expensive = commands.add_parser(
+        "expensive", parents=[store], help="the costliest (model, feature) pairs and calls"
+    )
+    expensive.add_argument("--by", default="feature", help="the property paired with the model")
+    expensive.add_argument("--user", dest="user_id", default=None, help="only this user")
+    expensive.add_argument("--limit", default="20")
+    expensive.add_argument("--calls", action="store_true", help="list calls instead of pairs")
+    expensive.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    expensive.set_defaults(run=_expensive)
+
+    profit = commands.add_parser(
+        "profitability", parents=[store], help="revenue, cost and margin per user"
+    )
+    profit.add_argument(
+        "--price",
+        action="append",
+        default=[],
+        metavar="PLAN=USD",
+        help="monthly price of a plan, repeatable: --price free=0 --price pro=20",
+    )
+    profit.add_argument("--by", default="plan", help="the property that names the plan")
+    profit.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    profit.set_defaults(run=_profitability)
+
     export = commands.add_parser(
         "export", parents=[store], help="every stored call of a period, for billing"
     )
@@ -121,6 +164,77 @@ def _report(args: argparse.Namespace) -> int:
             rows = [api.group_json(g) for g in tally.totals_by(args.by, since, until)]
     _write(rows, args.format, sys.stdout)
     return 0
+
+
+def _params(args: argparse.Namespace, names: Iterable[str]) -> dict[str, str]:
+    """The command's options as the JSON API's query parameters: one code path, one answer."""
+    params = {"since": args.since or "", "until": args.until or ""}
+    for name in names:
+        value = getattr(args, name)
+        if value is not None:
+            params[name] = str(value)
+    return params
+
+
+def _answer(build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    from .web import api
+
+    try:
+        return build()
+    except api.ApiError as exc:
+        raise CliError(exc.message) from None
+
+
+def _page(function: str, key: str, names: tuple[str, ...]) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        from .web import api
+
+        page = getattr(api, function)
+        with _open_store(args.database_url) as tally:
+            result = _answer(lambda: page(tally, _params(args, names)))
+        _write(_flat(result[key]), args.format, sys.stdout)
+        return 0
+
+    return run
+
+
+def _expensive(args: argparse.Namespace) -> int:
+    from .web import api
+
+    with _open_store(args.database_url) as tally:
+        params = _params(args, ("by", "user_id", "limit"))
+        result = _answer(lambda: api.expensive_page(tally, params))
+    _write(_flat(result["calls" if args.calls else "pairs"]), args.format, sys.stdout)
+    return 0
+
+
+def _profitability(args: argparse.Namespace) -> int:
+    from .web import api
+
+    prices: dict[str, str] = {}
+    for item in args.price:
+        plan, sep, price = item.partition("=")
+        if not sep or not plan:
+            raise CliError(f"--price: expected PLAN=USD such as pro=20, got {item!r}")
+        prices[plan] = price
+    if not prices:
+        raise CliError("--price: give the monthly price of each plan, e.g. --price pro=20")
+    from .storage.insights import check_revenue
+
+    check_revenue(prices)
+    with _open_store(args.database_url) as tally:
+        params = _params(args, ("by",))
+        result = _answer(lambda: api.profitability_page(tally, prices, params))
+    _write(_flat(result["users"]), args.format, sys.stdout)
+    return 0
+
+
+def _flat(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Nested values (properties) as JSON text, for tables and CSV."""
+    return [
+        {k: json.dumps(v, sort_keys=True) if isinstance(v, dict) else v for k, v in row.items()}
+        for row in rows
+    ]
 
 
 def _write(rows: list[dict[str, Any]], fmt: str, out: IO[str]) -> None:

@@ -11,8 +11,10 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from .._time import TimeBound, parse_time_bound
+from .._money import nano_to_usd
+from .._time import TimeBound, from_epoch_us, parse_time_bound
 from .._validation import check_user_id
+from ..storage import insights
 from ..storage.analytics import GroupTotals
 from ..storage.queries import ORDER_BY_VALUES, DayTotals, ModelTotals, UserTotals
 
@@ -194,6 +196,162 @@ def totals_by_page(tally: Tally, dimension: str, params: Mapping[str, str]) -> d
     return {"dimension": dimension, "groups": [group_json(g) for g in groups]}
 
 
+def _choice(params: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
+    value = params.get(name) or default
+    if value not in choices:
+        raise ApiError(400, f"{name}: expected one of {', '.join(choices)}, got {value[:64]!r}")
+    return value
+
+
+def profitability_page(
+    tally: Tally, revenue: insights.Revenue | None, params: Mapping[str, str]
+) -> dict[str, Any]:
+    """``GET {mount}/api/profitability``: revenue, cost and margin per user for a period."""
+    if revenue is None:
+        raise ApiError(
+            404,
+            "profitability needs prices: pass revenue={'free': 0, 'pro': '20.00'} (monthly "
+            "price per plan) or a callable user_id -> monthly price to tally.init_app(...)",
+        )
+    since, until = parse_period(params)
+    if since is None or until is None:
+        raise ApiError(400, "since: profitability needs both since and until")
+    by = params.get("by") or "plan"
+    try:
+        users = tally.profitability(revenue, since, until, by=by)
+    except ValueError as exc:
+        raise ApiError(400, f"by: {exc}") from None
+    revenue_total = sum((u.revenue_usd for u in users), Decimal(0))
+    cost_total = sum((u.cost_usd for u in users), Decimal(0))
+    return {
+        "by": by,
+        "users": [
+            {
+                "user_id": u.user_id,
+                "plan": u.plan,
+                "requests": u.requests,
+                "revenue_usd": money(u.revenue_usd),
+                "cost_usd": money(u.cost_usd),
+                "margin_usd": money(u.margin_usd),
+            }
+            for u in users
+        ],
+        "totals": {
+            "revenue_usd": money(revenue_total),
+            "cost_usd": money(cost_total),
+            "margin_usd": money(revenue_total - cost_total),
+        },
+    }
+
+
+def _ms(value: Decimal | None) -> str | None:
+    return None if value is None else format(value, "f")
+
+
+def activity_page(tally: Tally, params: Mapping[str, str]) -> dict[str, Any]:
+    """``GET {mount}/api/activity?by=user|model``: cadence, call size, errors, speed."""
+    since, until = parse_period(params)
+    by = _choice(params, "by", ("user", "model"), "user")
+    rows = tally.activity(
+        by,  # type: ignore[arg-type]
+        since,
+        until,
+        key=params.get("key") or None,
+    )
+    return {
+        "by": by,
+        "rows": [
+            {
+                "key": a.key,
+                "requests": a.requests,
+                "first_seen": iso(a.first_seen),
+                "last_seen": iso(a.last_seen),
+                "active_days": a.active_days,
+                "avg_requests_per_active_day": format(a.avg_requests_per_active_day, "f"),
+                "avg_tokens_per_request": format(a.avg_tokens_per_request, "f"),
+                "error_rate": format(a.error_rate, "f"),
+                "latency_p50_ms": _ms(a.latency_p50_ms),
+                "latency_p95_ms": _ms(a.latency_p95_ms),
+                "ttft_p50_ms": _ms(a.ttft_p50_ms),
+            }
+            for a in rows
+        ],
+    }
+
+
+def anomalies_page(tally: Tally, params: Mapping[str, str]) -> dict[str, Any]:
+    """``GET {mount}/api/anomalies?window=hour|day``: users far above their baseline."""
+    window = _choice(params, "window", ("hour", "day"), "hour")
+    threshold = params.get("threshold") or "5"
+    try:
+        parsed = Decimal(threshold)
+        if not parsed.is_finite() or parsed <= 0:
+            raise ValueError
+    except (ArithmeticError, ValueError):
+        raise ApiError(
+            400, f"threshold: expected a positive number, got {threshold[:64]!r}"
+        ) from None
+    min_requests = _parse_int(params, "min_requests", 5, 1, 10**9)
+    found = tally.anomalies(
+        window,  # type: ignore[arg-type]
+        threshold=parsed,
+        min_requests=min_requests,
+    )
+    return {
+        "window": window,
+        "anomalies": [
+            {
+                "user_id": a.user_id,
+                "metric": a.metric,
+                "compared_to": a.compared_to,
+                "recent": format(a.recent, "f"),
+                "baseline_median": format(a.baseline_median, "f"),
+                "score": format(a.score, "f"),
+                "reason": a.reason,
+            }
+            for a in found
+        ],
+    }
+
+
+def expensive_page(tally: Tally, params: Mapping[str, str]) -> dict[str, Any]:
+    """``GET {mount}/api/expensive``: the costliest calls and (model, property) pairs."""
+    since, until = parse_period(params)
+    limit = _parse_int(params, "limit", 20, 1, MAX_LIMIT)
+    by = params.get("by") or "feature"
+    user = params.get("user_id") or None
+    try:
+        calls = tally.expensive_calls(since, until, user_id=user, limit=limit)
+        pairs = tally.expensive_pairs(by, since, until, user_id=user, limit=limit)
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
+    return {
+        "calls": [
+            {
+                "id": c["id"],
+                "time": iso(from_epoch_us(c["ts"])),
+                "user_id": c["user_id"],
+                "model": c["response_model"] or c["request_model"],
+                "properties": c["properties"],
+                "input_tokens": c["input_tokens"],
+                "output_tokens": c["output_tokens"],
+                "cost_usd": money(nano_to_usd(c["cost_nano_usd"])),
+            }
+            for c in calls
+        ],
+        "pairs": [
+            {
+                "model": p.model,
+                by: p.value,
+                "requests": p.requests,
+                "cost_usd": money(p.cost_usd),
+                "avg_cost_per_request": money(p.avg_cost_per_request),
+            }
+            for p in pairs
+        ],
+    }
+
+
 INDEX_HTML = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>llm-tally</title>
 <style>body{font:16px system-ui,sans-serif;max-width:40rem;margin:3rem auto;padding:0 1rem}</style>
@@ -206,6 +364,8 @@ INDEX_HTML = """<!doctype html>
 <li><code>api/users/{user_id}</code> — one user's totals, by model and by day</li>
 <li><code>api/by/{property}</code> — totals per plan, feature, model...
 (e.g. <a href="api/by/plan">api/by/plan</a>)</li>
+<li><a href="api/activity">api/activity</a>, <a href="api/anomalies">api/anomalies</a>,
+<a href="api/expensive">api/expensive</a>, <code>api/profitability?since=&amp;until=</code></li>
 <li><a href="api/me">api/me</a> — your own usage</li>
 </ul></body></html>
 """

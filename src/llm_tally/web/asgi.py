@@ -18,6 +18,7 @@ from ..middleware._identify import (
     is_loopback,
 )
 from ..middleware.asgi import Identify, LLMUsageMiddleware, Properties, request_user
+from ..storage.insights import Revenue
 from . import api
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ def usage_app(
     authorize: Authorize | None = None,
     identify: Identify | None = None,
     user_header: str | None = None,
+    revenue: Revenue | None = None,
 ) -> Starlette:
     """The ``/llm-usage`` endpoint as an ASGI app, to mount anywhere."""
     check_callable(authorize, "authorize")
@@ -85,6 +87,13 @@ def usage_app(
             protected(lambda r: api.users_page(tally, r.query_params)),
             methods=["GET"],
         ),
+        Route("/api/activity", protected(lambda r: api.activity_page(tally, r.query_params))),
+        Route("/api/anomalies", protected(lambda r: api.anomalies_page(tally, r.query_params))),
+        Route("/api/expensive", protected(lambda r: api.expensive_page(tally, r.query_params))),
+        Route(
+            "/api/profitability",
+            protected(lambda r: api.profitability_page(tally, revenue, r.query_params)),
+        ),
         Route(
             "/api/by/{dimension}",
             protected(
@@ -110,6 +119,7 @@ def init_starlette(
     authorize: Authorize | None,
     mount_path: str,
     user_header: str | None,
+    revenue: Revenue | None,
 ) -> None:
     if getattr(app.state, "llm_tally", None) is not None:
         raise RuntimeError(
@@ -118,7 +128,9 @@ def init_starlette(
     # Check everything before touching the app: Starlette builds middleware only at the first
     # request, so a bad argument would otherwise surface as a 500 on every request.
     check_middleware_arguments(tally, identify, properties)
-    endpoint = usage_app(tally, authorize=authorize, identify=identify, user_header=user_header)
+    endpoint = usage_app(
+        tally, authorize=authorize, identify=identify, user_header=user_header, revenue=revenue
+    )
     app.add_middleware(
         LLMUsageMiddleware,
         tally=tally,

@@ -18,6 +18,7 @@ from ..middleware._identify import (
     user_id_from,
 )
 from ..middleware.wsgi import LLMUsageWSGIMiddleware
+from ..storage.insights import Revenue
 from . import api
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ def init_flask(
     authorize: Callable[[Any], bool] | None,
     mount_path: str,
     user_header: str | None,
+    revenue: Revenue | None,
 ) -> None:
     from flask import Blueprint, jsonify, request
 
@@ -115,6 +117,22 @@ def init_flask(
     @blueprint.get("/api/users/<path:user_id>")
     def user_detail(user_id: str) -> Any:
         return answer(lambda: api.user_detail(tally, user_id, params()))
+
+    @blueprint.get("/api/activity")
+    def activity() -> Any:
+        return answer(lambda: api.activity_page(tally, params()))
+
+    @blueprint.get("/api/anomalies")
+    def anomalies() -> Any:
+        return answer(lambda: api.anomalies_page(tally, params()))
+
+    @blueprint.get("/api/expensive")
+    def expensive() -> Any:
+        return answer(lambda: api.expensive_page(tally, params()))
+
+    @blueprint.get("/api/profitability")
+    def profitability() -> Any:
+        return answer(lambda: api.profitability_page(tally, revenue, params()))
 
     @blueprint.get("/api/by/<dimension>")
     def totals_by(dimension: str) -> Any:
