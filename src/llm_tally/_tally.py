@@ -347,9 +347,13 @@ class Tally:
             self.engine, *_period(since, until), user_id=check_user_id(user_id)
         )
 
-    def count_records(self, since: TimeBound = None, until: TimeBound = None) -> int:
-        """How many calls were stored in ``[since, until)``."""
-        return analytics.count_records(self.engine, *_period(since, until))
+    def count_records(
+        self, since: TimeBound = None, until: TimeBound = None, user_id: str | int | None = None
+    ) -> int:
+        """How many calls were stored in ``[since, until)`` (of one user if given)."""
+        return analytics.count_records(
+            self.engine, *_period(since, until), user_id=check_user_id(user_id)
+        )
 
     def profitability(
         self,

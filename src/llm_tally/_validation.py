@@ -34,8 +34,10 @@ def check_properties(properties: Mapping[str, object], field: str = "properties"
                 f"{field}: keys must be strings of 1 to {MAX_PROPERTY_KEY_LENGTH} characters, "
                 f"got {key!r}"
             )
-        if not key.isprintable():
-            raise ValueError(f"{field}: key {key!r} must not contain control characters")
+        if not key.isprintable() or '"' in key or "\\" in key:
+            raise ValueError(
+                f"{field}: key {key!r} must not contain control characters, '\"' or '\\'"
+            )
         if value is None:
             continue
         if not isinstance(value, str | int | float | bool):

@@ -312,7 +312,7 @@ def export_row(record: dict[str, Any]) -> dict[str, Any]:
 def _export(args: argparse.Namespace) -> int:
     since, until = _period(args)
     with _open_store(args.database_url) as tally:
-        total = tally.count_records(since, until) if args.output != "-" else 0
+        total = tally.count_records(since, until, args.user) if args.output != "-" else 0
         out: IO[str]
         out = sys.stdout if args.output == "-" else open(args.output, "w", newline="")  # noqa: SIM115
         try:

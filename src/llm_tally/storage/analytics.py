@@ -90,7 +90,8 @@ def totals_by(
         )
         .where(*_period(since_us, until_us))
         .group_by(key)
-        .order_by(cost.desc(), key)
+        # The None group last on every database (SQLite sorts NULL first, PostgreSQL last).
+        .order_by(cost.desc(), key.is_(None), key)
     )
     with engine.connect() as conn:
         return [
@@ -138,7 +139,11 @@ def iter_records(
             yield dict(row._mapping)
 
 
-def count_records(engine: Engine, since_us: int | None, until_us: int | None) -> int:
+def count_records(
+    engine: Engine, since_us: int | None, until_us: int | None, user_id: str | None = None
+) -> int:
     query = select(func.count()).select_from(usage_table).where(*_period(since_us, until_us))
+    if user_id is not None:
+        query = query.where(_c.user_id == user_id)
     with engine.connect() as conn:
         return int(conn.execute(query).scalar() or 0)

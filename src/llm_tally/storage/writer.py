@@ -74,7 +74,9 @@ def _insert_sqlite(conn: Connection, rows: list[Row]) -> None:
                 value = row[i]
                 # Calls of one request share one properties dict: encode it once.
                 if value is not last_value:
-                    last_value, last_text = value, json.dumps(value) if value else "{}"
+                    # ensure_ascii=False: SQLite's JSON paths match non-ASCII keys only unescaped.
+                    last_value = value
+                    last_text = json.dumps(value, ensure_ascii=False) if value else "{}"
                 parameters[start + i] = last_text
         conn.exec_driver_sql(statement, tuple(parameters))
 
