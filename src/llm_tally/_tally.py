@@ -26,7 +26,7 @@ from ._record import (
     new_record_id,
 )
 from ._scope import OpenCall
-from ._time import TimeBound, bound_to_epoch_us, from_epoch_us, to_epoch_us
+from ._time import TimeBound, bound_to_epoch_us, to_epoch_us
 from ._validation import check_properties, check_user_id
 from .storage import analytics, insights, queries
 from .storage.analytics import GroupTotals
@@ -373,11 +373,7 @@ class Tally:
             raise ValueError("since and until are both needed to compute revenue for a period")
         insights.check_revenue(revenue)
         return insights.profitability(
-            self.engine,
-            revenue,
-            _check_dimension(by),
-            from_epoch_us(to_epoch_us(since, "since")),
-            from_epoch_us(to_epoch_us(until, "until")),
+            self.engine, revenue, _check_dimension(by), _aware(since), _aware(until)
         )
 
     def activity(
@@ -407,19 +403,27 @@ class Tally:
         robust z-score (median and MAD) of at least ``threshold``; each with its reason."""
         if window not in ("hour", "day"):
             raise ValueError(f"window must be 'hour' or 'day', got {window!r}")
-        baseline = baseline_windows or (24 if window == "hour" else 14)
+        if baseline_windows is None:
+            baseline_windows = 24 if window == "hour" else 14
+        baseline = baseline_windows
         if isinstance(baseline, bool) or not isinstance(baseline, int) or baseline < 2:
             raise ValueError(f"baseline_windows must be an int >= 2, got {baseline_windows!r}")
         if isinstance(min_requests, bool) or not isinstance(min_requests, int) or min_requests < 1:
             raise ValueError(f"min_requests must be an int >= 1, got {min_requests!r}")
-        if isinstance(threshold, float | bool):
-            raise ValueError("threshold must be a Decimal, int or str")
+        bar: Decimal | None = None
+        if isinstance(threshold, Decimal | int | str) and not isinstance(threshold, bool):
+            try:
+                bar = Decimal(threshold)
+            except ArithmeticError:
+                bar = None
+        if bar is None or not bar.is_finite() or bar <= 0:
+            raise ValueError(
+                f"threshold must be a positive number (Decimal, int or str), got {threshold!r}"
+            )
         moment = now if now is not None else datetime.now(UTC)
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)
-        return insights.anomalies(
-            self.engine, window, moment, baseline, Decimal(threshold), min_requests
-        )
+        return insights.anomalies(self.engine, window, moment, baseline, bar, min_requests)
 
     def expensive_calls(
         self,
@@ -581,6 +585,15 @@ class Tally:
 
     def __repr__(self) -> str:
         return f"<Tally {self.database_url!r}{' closed' if self._closed else ''}>"
+
+
+def _aware(moment: TimeBound) -> datetime:
+    """A datetime in its own time zone; naive ones and dates (midnight) are UTC."""
+    if isinstance(moment, datetime):
+        return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    if isinstance(moment, date):
+        return datetime(moment.year, moment.month, moment.day, tzinfo=UTC)
+    raise ValueError(f"expected a datetime or a date, got {type(moment).__name__}")
 
 
 def _check_limit(limit: int) -> int:

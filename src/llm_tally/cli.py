@@ -192,7 +192,7 @@ def _page(function: str, key: str, names: tuple[str, ...]) -> Callable[[argparse
         page = getattr(api, function)
         with _open_store(args.database_url) as tally:
             result = _answer(lambda: page(tally, _params(args, names)))
-        _write(_flat(result[key]), args.format, sys.stdout)
+        _write(result[key], args.format, sys.stdout)
         return 0
 
     return run
@@ -204,7 +204,7 @@ def _expensive(args: argparse.Namespace) -> int:
     with _open_store(args.database_url) as tally:
         params = _params(args, ("by", "user_id", "limit"))
         result = _answer(lambda: api.expensive_page(tally, params))
-    _write(_flat(result["calls" if args.calls else "pairs"]), args.format, sys.stdout)
+    _write(result["calls" if args.calls else "pairs"], args.format, sys.stdout)
     return 0
 
 
@@ -225,7 +225,7 @@ def _profitability(args: argparse.Namespace) -> int:
     with _open_store(args.database_url) as tally:
         params = _params(args, ("by",))
         result = _answer(lambda: api.profitability_page(tally, prices, params))
-    _write(_flat(result["users"]), args.format, sys.stdout)
+    _write(result["users"], args.format, sys.stdout)
     return 0
 
 
@@ -242,6 +242,7 @@ def _write(rows: list[dict[str, Any]], fmt: str, out: IO[str]) -> None:
         json.dump(rows, out, indent=2)
         out.write("\n")
         return
+    rows = _flat(rows)
     if not rows:
         out.write("no calls in this period\n" if fmt == "table" else "")
         return

@@ -15,10 +15,10 @@ from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any, Literal
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, case, func, select
 
 from .._money import nano_to_usd
-from .._time import from_epoch_us
+from .._time import from_epoch_us, to_epoch_us
 from .analytics import dimension_column
 from .models import usage_table
 from .queries import _period
@@ -75,10 +75,12 @@ class UserProfit:
 def months_in_period(since: datetime, until: datetime) -> Decimal:
     """How many calendar months ``[since, until)`` spans, partial months pro rata by time.
 
-    A whole calendar month is exactly 1, whatever its length.
+    Months are those of ``since``'s time zone: a whole calendar month there is exactly 1,
+    whatever its length or clock changes.
     """
     if until <= since:
         return Decimal(0)
+    until = until.astimezone(since.tzinfo)
     total = Decimal(0)
     cursor = since
     while cursor < until:
@@ -87,7 +89,7 @@ def months_in_period(since: datetime, until: datetime) -> Decimal:
         days = calendar.monthrange(year, month)[1]
         end = start + timedelta(days=days)
         covered = min(end, until) - cursor
-        total += Decimal(int(covered.total_seconds() * 1_000_000)) / Decimal(days * _US_PER_DAY)
+        total += Decimal(covered // timedelta(microseconds=1)) / Decimal(days * _US_PER_DAY)
         cursor = end
     return total
 
@@ -106,8 +108,8 @@ def profitability(
     price get revenue 0. Sorted by margin, least profitable first.
     """
     months = months_in_period(since, until)
-    since_us = int(since.timestamp() * 1_000_000)
-    until_us = int(until.timestamp() * 1_000_000)
+    since_us = to_epoch_us(since, "since")
+    until_us = to_epoch_us(until, "until")
     key = dimension_column(dimension)
     latest = (
         select(_c.user_id, func.max(_c.ts).label("ts"))
@@ -368,7 +370,7 @@ def _anomaly(
 ) -> Anomaly:
     def show(value: Decimal) -> str:
         if metric == "requests":
-            return f"{value.normalize():f} requests"
+            return f"{value.normalize():f} request{'' if value == 1 else 's'}"
         return f"${format(nano_to_usd(int(value)), 'f')}"
 
     against = (
@@ -417,6 +419,8 @@ class PairTotals:
     value: str | None
     requests: int
     cost_usd: Decimal
+    #: Calls whose model had no known price: counted in requests, not in cost_usd.
+    unpriced_requests: int = 0
 
     @property
     def avg_cost_per_request(self) -> Decimal:
@@ -437,14 +441,25 @@ def expensive_pairs(
     model = dimension_column("model").label("model")
     value = dimension_column(dimension).label("value")
     cost = func.coalesce(func.sum(_c.cost_nano_usd), 0)
-    query = select(model, value, func.count().label("requests"), cost.label("cost")).where(
-        *_period(since_us, until_us)
-    )
+    unpriced = func.coalesce(func.sum(case((_c.cost_nano_usd.is_(None), 1), else_=0)), 0)
+    query = select(
+        model,
+        value,
+        func.count().label("requests"),
+        cost.label("cost"),
+        unpriced.label("unpriced"),
+    ).where(*_period(since_us, until_us))
     if user_id is not None:
         query = query.where(_c.user_id == user_id)
     query = query.group_by(model, value).order_by(cost.desc(), model, value).limit(limit)
     with engine.connect() as conn:
         return [
-            PairTotals(row.model, row.value, int(row.requests), nano_to_usd(int(row.cost)))
+            PairTotals(
+                row.model,
+                row.value,
+                int(row.requests),
+                nano_to_usd(int(row.cost)),
+                int(row.unpriced),
+            )
             for row in conn.execute(query)
         ]

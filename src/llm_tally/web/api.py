@@ -339,33 +339,16 @@ def expensive_page(tally: Tally, params: Mapping[str, str]) -> dict[str, Any]:
             }
             for c in calls
         ],
+        "by": by,
         "pairs": [
             {
                 "model": p.model,
-                by: p.value,
+                "value": p.value,
                 "requests": p.requests,
                 "cost_usd": money(p.cost_usd),
                 "avg_cost_per_request": money(p.avg_cost_per_request),
+                "unpriced_requests": p.unpriced_requests,
             }
             for p in pairs
         ],
     }
-
-
-INDEX_HTML = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>llm-tally</title>
-<style>body{font:16px system-ui,sans-serif;max-width:40rem;margin:3rem auto;padding:0 1rem}</style>
-</head><body><h1>llm-tally</h1>
-<p>Per-user LLM usage. JSON API:</p>
-<ul>
-<li><a href="api/users">api/users</a> — every user's totals
-(<code>?since=&amp;until=&amp;order_by=cost|requests|tokens|last_seen&amp;limit=&amp;offset=</code>)
-</li>
-<li><code>api/users/{user_id}</code> — one user's totals, by model and by day</li>
-<li><code>api/by/{property}</code> — totals per plan, feature, model...
-(e.g. <a href="api/by/plan">api/by/plan</a>)</li>
-<li><a href="api/activity">api/activity</a>, <a href="api/anomalies">api/anomalies</a>,
-<a href="api/expensive">api/expensive</a>, <code>api/profitability?since=&amp;until=</code></li>
-<li><a href="api/me">api/me</a> — your own usage</li>
-</ul></body></html>
-"""

@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -19,7 +20,7 @@ from ..middleware._identify import (
 )
 from ..middleware.asgi import Identify, LLMUsageMiddleware, Properties, request_user
 from ..storage.insights import Revenue
-from . import api
+from . import api, dashboard
 
 if TYPE_CHECKING:
     from .._tally import Tally
@@ -65,10 +66,17 @@ def usage_app(
 
         return endpoint
 
-    async def index(request: Request) -> Response:
-        if not await is_allowed(request):
-            return JSONResponse({"error": api.FORBIDDEN_MESSAGE}, status_code=403)
-        return HTMLResponse(api.INDEX_HTML)
+    def page(
+        render: Callable[[Request], tuple[int, str]],
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            if not await is_allowed(request):
+                return JSONResponse({"error": api.FORBIDDEN_MESSAGE}, status_code=403)
+            # A page runs several queries: off the event loop.
+            status, body = await run_in_threadpool(render, request)
+            return HTMLResponse(body, status_code=status)
+
+        return endpoint
 
     async def me(request: Request) -> Response:
         user_id = await request_user(request, identify, header)
@@ -80,7 +88,16 @@ def usage_app(
             return JSONResponse({"error": exc.message}, status_code=exc.status)
 
     routes = [
-        Route("/", index, methods=["GET"]),
+        Route(
+            "/",
+            page(lambda r: dashboard.users_page(tally, r.query_params)),
+            methods=["GET"],
+        ),
+        Route(
+            "/users/{user_id:path}",
+            page(lambda r: dashboard.user_page(tally, r.path_params["user_id"], r.query_params)),
+            methods=["GET"],
+        ),
         Route("/api/me", me, methods=["GET"]),
         Route(
             "/api/users",

@@ -19,7 +19,7 @@ from ..middleware._identify import (
 )
 from ..middleware.wsgi import LLMUsageWSGIMiddleware
 from ..storage.insights import Revenue
-from . import api
+from . import api, dashboard
 
 if TYPE_CHECKING:
     from flask import Flask, Response
@@ -104,11 +104,19 @@ def init_flask(
 
     blueprint = Blueprint("llm_tally", __name__, url_prefix=mount_path.rstrip("/") or None)
 
-    @blueprint.get("/")
-    def index() -> Any:
+    def page(render: Callable[[], tuple[int, str]]) -> Any:
         if not allowed():
             return jsonify({"error": api.FORBIDDEN_MESSAGE}), 403
-        return api.INDEX_HTML
+        status, body = render()
+        return body, status
+
+    @blueprint.get("/")
+    def index() -> Any:
+        return page(lambda: dashboard.users_page(tally, params()))
+
+    @blueprint.get("/users/<path:user_id>")
+    def user_page(user_id: str) -> Any:
+        return page(lambda: dashboard.user_page(tally, user_id, params()))
 
     @blueprint.get("/api/users")
     def users() -> Any:
