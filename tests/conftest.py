@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import openai
 import pytest
 from sqlalchemy import create_engine, select, text
+from werkzeug.serving import WSGIRequestHandler, make_server
 
 import llm_tally
 from llm_tally import Tally
@@ -119,3 +122,24 @@ def pg_url() -> Iterator[str]:
     finally:
         engine.dispose()
     yield POSTGRES_URL
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        pass
+
+
+@contextmanager
+def serve_wsgi(app: Any, *, threaded: bool = True) -> Iterator[str]:
+    """A real werkzeug server for the WSGI ``app`` on a loopback port; yields its base URL."""
+    server = make_server("127.0.0.1", 0, app, threaded=threaded, request_handler=_QuietHandler)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(10)
+        server.server_close()

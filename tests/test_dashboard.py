@@ -14,7 +14,6 @@ import random
 import re
 import subprocess
 import sys
-import threading
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,12 +29,13 @@ import flask
 import httpx2
 import pytest
 from starlette.applications import Starlette
-from werkzeug.serving import WSGIRequestHandler, make_server
 
 from llm_tally import Tally
 from llm_tally.demo.run import ACCOUNTS, CALLS_PER_PLAN
 from llm_tally.demo.serve import BackgroundServer
 from llm_tally.web import dashboard
+
+from .conftest import serve_wsgi
 
 ANN = "ann@example.com"
 BOB = "bob/ops"  # a slash: percent-encoded in links, decoded by both routers
@@ -139,26 +139,6 @@ def seeded(tally: Tally) -> Tally:
 # -- servers -----------------------------------------------------------------------------------
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        pass
-
-
-@contextmanager
-def werkzeug_server(app: Any) -> Iterator[str]:
-    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=_QuietHandler)
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    )
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        thread.join(10)
-        server.server_close()
-
-
 @contextmanager
 def servers(tally: Tally, **init: Any) -> Iterator[dict[str, str]]:
     """The dashboard of ``tally`` on a Starlette app and on a Flask app: framework -> URL."""
@@ -166,7 +146,7 @@ def servers(tally: Tally, **init: Any) -> Iterator[dict[str, str]]:
     tally.init_app(starlette_app, **init)
     flask_app = flask.Flask("dashboard_test")
     tally.init_app(flask_app, **init)
-    with BackgroundServer(starlette_app) as asgi, werkzeug_server(flask_app) as wsgi:
+    with BackgroundServer(starlette_app) as asgi, serve_wsgi(flask_app) as wsgi:
         yield {"asgi": asgi.url, "flask": wsgi}
 
 

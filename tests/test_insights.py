@@ -15,7 +15,6 @@ import random
 import re
 import subprocess
 import sys
-import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -32,13 +31,12 @@ import httpx2
 import openai
 import pytest
 from fastapi import FastAPI
-from werkzeug.serving import WSGIRequestHandler, make_server
 
 import llm_tally
 from llm_tally import Tally
 from llm_tally.demo.serve import BackgroundServer
 from llm_tally.storage.insights import months_in_period
-from tests.conftest import stored_rows
+from tests.conftest import serve_wsgi, stored_rows
 
 NANO = 10**9
 PARIS = ZoneInfo("Europe/Paris")
@@ -991,26 +989,6 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> SharedStore:
     with Tally(url, instrument=False) as tally:
         seed(tally, store.profit + store.activity + store.expensive + store.anomalies)
     return store
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        pass
-
-
-@contextmanager
-def serve_wsgi(app: Any) -> Iterator[str]:
-    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=_QuietHandler)
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    )
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        thread.join(10)
-        server.server_close()
 
 
 @dataclass

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import re
-import threading
 from pathlib import Path
 from typing import Any
 
 import httpx2
 import pytest
-from werkzeug.serving import make_server
 
 from llm_tally.demo.serve import BackgroundServer
 
-from .conftest import FakeServer
+from .conftest import FakeServer, serve_wsgi
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -88,12 +86,12 @@ def test_flask_quickstart(readme_env: None, fake_llm: FakeServer) -> None:
         login_user(User(request.args["user"]))
         return "ok"
 
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     try:
-        base = f"http://127.0.0.1:{server.server_port}"
-        with httpx2.Client(base_url=base) as alice, httpx2.Client(base_url=base) as admin:
+        with (
+            serve_wsgi(app) as base,
+            httpx2.Client(base_url=base) as alice,
+            httpx2.Client(base_url=base) as admin,
+        ):
             assert alice.post("/ask").status_code == 401
             alice.post("/login", params={"user": "alice"}).raise_for_status()
             assert alice.post("/ask").json()["answer"]
@@ -105,7 +103,4 @@ def test_flask_quickstart(readme_env: None, fake_llm: FakeServer) -> None:
         assert [u["user_id"] for u in listed["users"]] == ["alice"]
         assert tally.user_totals("alice").requests == 1
     finally:
-        server.shutdown()
-        thread.join(10)
-        server.server_close()
         tally.close()

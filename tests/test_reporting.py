@@ -19,7 +19,6 @@ import random
 import re
 import subprocess
 import sys
-import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -35,7 +34,6 @@ import flask
 import httpx2
 import pytest
 from fastapi import FastAPI
-from werkzeug.serving import WSGIRequestHandler, make_server
 
 import llm_tally
 from llm_tally import GroupTotals, Tally
@@ -43,7 +41,7 @@ from llm_tally.demo.serve import BackgroundServer
 from llm_tally.storage.models import usage_table
 from llm_tally.web import api
 
-from .conftest import stored_rows
+from .conftest import serve_wsgi, stored_rows
 
 NANO = 10**9
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -809,11 +807,6 @@ def test_iter_records_of_one_user(reader: Tally, seeded: Seeded) -> None:
 # -- 4. the JSON endpoint -------------------------------------------------------------------
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        pass
-
-
 @contextmanager
 def serving(tally: Tally) -> Iterator[dict[str, str]]:
     """The usage endpoint of a FastAPI app (uvicorn) and of a Flask app (werkzeug), for real."""
@@ -821,21 +814,8 @@ def serving(tally: Tally) -> Iterator[dict[str, str]]:
     tally.init_app(asgi_app)
     flask_app = flask.Flask(__name__)
     tally.init_app(flask_app)
-    server = make_server("127.0.0.1", 0, flask_app, threaded=True, request_handler=_QuietHandler)
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    )
-    thread.start()
-    try:
-        with BackgroundServer(asgi_app) as uvicorn_server:
-            yield {
-                "asgi": f"{uvicorn_server.url}/llm-usage",
-                "flask": f"http://127.0.0.1:{server.server_port}/llm-usage",
-            }
-    finally:
-        server.shutdown()
-        thread.join(10)
-        server.server_close()
+    with serve_wsgi(flask_app) as flask_url, BackgroundServer(asgi_app) as uvicorn_server:
+        yield {"asgi": f"{uvicorn_server.url}/llm-usage", "flask": f"{flask_url}/llm-usage"}
 
 
 def get(url: str, params: dict[str, str] | None = None, **headers: str) -> httpx2.Response:

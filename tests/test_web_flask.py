@@ -30,24 +30,18 @@ import httpx2
 import openai
 import pytest
 from genai_prices import Usage, calc_price
-from werkzeug.serving import WSGIRequestHandler, make_server
 
 import llm_tally
 from llm_tally import LLMUsageWSGIMiddleware, Tally
 from llm_tally._tokens import count_text
 from llm_tally.demo.fake_llm import WORDS
 from llm_tally.demo.serve import BackgroundServer
-from tests.conftest import FakeServer, stored_rows
+from tests.conftest import FakeServer, serve_wsgi, stored_rows
 
 MODEL = "gpt-4o-mini"
 NANO = Decimal(10**9)
 COST_STRING = re.compile(r"^\d+\.\d{9}$")
 # -- servers and clients -----------------------------------------------------------------------
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        pass
 
 
 class _NoteClose:
@@ -85,17 +79,8 @@ def serve(app: Any, *, threaded: bool = True, closed_log: list[str] | None = Non
     """
     if closed_log is not None:
         app = _NoteClose(app, closed_log)
-    server = make_server("127.0.0.1", 0, app, threaded=threaded, request_handler=_QuietHandler)
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    )
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        thread.join(10)
-        server.server_close()
+    with serve_wsgi(app, threaded=threaded) as url:
+        yield url
 
 
 @contextmanager
