@@ -51,7 +51,8 @@ def generate(tally: Tally, records: int, users: int, days: int, seed: int = 7) -
             input_tokens=rng.randint(20, 4000),
             output_tokens=rng.randint(1, 1500),
             cost_usd=Decimal(rng.randint(1, 20_000)) / 1_000_000,
-            ts=start + timedelta(microseconds=rng.randrange(span_us)),
+            # In time order, as production traffic arrives (a minute of jitter).
+            ts=start + timedelta(microseconds=i * span_us // records + rng.randrange(60_000_000)),
             properties={"plan": user_plan[u], "feature": rng.choice(FEATURES)},
         )
         if i % 100_000 == 99_999:
