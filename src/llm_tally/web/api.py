@@ -66,7 +66,8 @@ def _parse_time(params: Mapping[str, str], name: str) -> TimeBound:
         raise ApiError(400, str(exc)) from None
 
 
-def _parse_int(params: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+def int_param(params: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    """The whole number ``name`` in ``[low, high]`` (``default`` when absent), or a 400."""
     raw = params.get(name)
     if raw is None or raw == "":
         return default
@@ -147,8 +148,8 @@ def users_page(tally: Tally, params: Mapping[str, str]) -> dict[str, Any]:
         raise ApiError(
             400, f"order_by: expected one of {', '.join(ORDER_BY_VALUES)}, got {order_by[:64]!r}"
         )
-    limit = _parse_int(params, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
-    offset = _parse_int(params, "offset", 0, 0, 10**9)
+    limit = int_param(params, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+    offset = int_param(params, "offset", 0, 0, 10**9)
     users = tally.users(since, until, order_by, limit, offset)  # type: ignore[arg-type]
     return {
         "users": [totals_json(t) for t in users],
@@ -196,7 +197,10 @@ def totals_by_page(tally: Tally, dimension: str, params: Mapping[str, str]) -> d
     return {"dimension": dimension, "groups": [group_json(g) for g in groups]}
 
 
-def _choice(params: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
+def choice_param(
+    params: Mapping[str, str], name: str, choices: tuple[str, ...], default: str
+) -> str:
+    """The parameter ``name``, one of ``choices`` (``default`` when absent), or a 400."""
     value = params.get(name) or default
     if value not in choices:
         raise ApiError(400, f"{name}: expected one of {', '.join(choices)}, got {value[:64]!r}")
@@ -251,7 +255,7 @@ def _ms(value: Decimal | None) -> str | None:
 def activity_page(tally: Tally, params: Mapping[str, str]) -> dict[str, Any]:
     """``GET {mount}/api/activity?by=user|model``: cadence, call size, errors, speed."""
     since, until = parse_period(params)
-    by = _choice(params, "by", ("user", "model"), "user")
+    by = choice_param(params, "by", ("user", "model"), "user")
     rows = tally.activity(
         by,  # type: ignore[arg-type]
         since,
@@ -281,7 +285,7 @@ def activity_page(tally: Tally, params: Mapping[str, str]) -> dict[str, Any]:
 
 def anomalies_page(tally: Tally, params: Mapping[str, str]) -> dict[str, Any]:
     """``GET {mount}/api/anomalies?window=hour|day``: users far above their baseline."""
-    window = _choice(params, "window", ("hour", "day"), "hour")
+    window = choice_param(params, "window", ("hour", "day"), "hour")
     threshold = params.get("threshold") or "5"
     try:
         parsed = Decimal(threshold)
@@ -291,7 +295,7 @@ def anomalies_page(tally: Tally, params: Mapping[str, str]) -> dict[str, Any]:
         raise ApiError(
             400, f"threshold: expected a positive number, got {threshold[:64]!r}"
         ) from None
-    min_requests = _parse_int(params, "min_requests", 5, 1, 10**9)
+    min_requests = int_param(params, "min_requests", 5, 1, 10**9)
     found = tally.anomalies(
         window,  # type: ignore[arg-type]
         threshold=parsed,
@@ -317,7 +321,7 @@ def anomalies_page(tally: Tally, params: Mapping[str, str]) -> dict[str, Any]:
 def expensive_page(tally: Tally, params: Mapping[str, str]) -> dict[str, Any]:
     """``GET {mount}/api/expensive``: the costliest calls and (model, property) pairs."""
     since, until = parse_period(params)
-    limit = _parse_int(params, "limit", 20, 1, MAX_LIMIT)
+    limit = int_param(params, "limit", 20, 1, MAX_LIMIT)
     by = params.get("by") or "feature"
     user = params.get("user_id") or None
     try:

@@ -90,7 +90,7 @@ def _bound_text(bound: TimeBound) -> str:
 
 def resolve_period(params: Mapping[str, str], now: datetime) -> Period:
     """``since``/``until`` when either is given, else the ``period`` preset (UTC days)."""
-    preset = api._choice(params, "period", tuple(PRESETS), DEFAULT_PRESET)
+    preset = api.choice_param(params, "period", tuple(PRESETS), DEFAULT_PRESET)
     since, until = api.parse_period(params)
     if since is not None or until is not None:
         return Period(since, until, None)
@@ -561,9 +561,9 @@ def users_page_html(tally: Tally, params: Mapping[str, str], now: datetime | Non
     """
     moment = now or datetime.now(UTC)
     period = resolve_period(params, moment)
-    order_by = api._choice(params, "order_by", ORDER_BY_VALUES, "cost")
-    limit = api._parse_int(params, "limit", PAGE_SIZE, 1, api.MAX_LIMIT)
-    offset = api._parse_int(params, "offset", 0, 0, 10**9)
+    order_by = api.choice_param(params, "order_by", ORDER_BY_VALUES, "cost")
+    limit = api.int_param(params, "limit", PAGE_SIZE, 1, api.MAX_LIMIT)
+    offset = api.int_param(params, "offset", 0, 0, 10**9)
     search = (params.get("q") or "").strip()
     prop = _property_filter(params)
     rows, matching, summary = _listing(tally, period, order_by, search, prop, limit, offset)
