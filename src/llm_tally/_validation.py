@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
+from typing import Any
+
+from ._internal import logger
 
 MAX_USER_ID_LENGTH = 256
 MAX_PROPERTY_KEY_LENGTH = 64
@@ -52,3 +56,45 @@ def check_properties(properties: Mapping[str, object], field: str = "properties"
             )
         checked[key] = text
     return checked
+
+
+# -- values from the app's code or from LLM requests: a bad one is ignored, never raised ----
+
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def warn_once(source: str, exc: BaseException) -> None:
+    """Log a bad value from ``source`` the first time only: it may come with every request."""
+    with _warned_lock:
+        first = source not in _warned
+        _warned.add(source)
+    if first:
+        logger.warning(
+            "llm-tally: ignoring what %s gave (logged once): %s", source, exc, exc_info=exc
+        )
+
+
+def user_id_from(value: Any, source: str) -> str | None:
+    """A user id from the app's code or a request: an id, or None; a bad one is ignored."""
+    if value is None or value == "":
+        return None
+    try:
+        return check_user_id(value if isinstance(value, str | int) else str(value), source)
+    except ValueError as exc:
+        warn_once(source, exc)
+        return None
+
+
+def properties_from(value: Any, source: str) -> dict[str, str]:
+    """Properties from the app's code or a request; bad ones are ignored."""
+    if not value:
+        return {}
+    if not isinstance(value, Mapping):
+        warn_once(source, ValueError(f"{source} must give a dict, got {type(value).__name__}"))
+        return {}
+    try:
+        return check_properties(value, source)
+    except ValueError as exc:
+        warn_once(source, exc)
+        return {}

@@ -18,7 +18,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import httpx2
 from openai import APIStatusError, AsyncStream, Omit, Stream
@@ -29,7 +29,7 @@ from openai._response import BaseAPIResponse
 from openai.lib.azure import AsyncAzureOpenAI, AzureOpenAI
 
 from .._context import current_scope
-from .._internal import guard, logger, report_internal_error
+from .._internal import guard, report_internal_error
 from .._pricing import UNKNOWN_PROVIDER
 from .._record import (
     STATUS_ABORTED,
@@ -41,7 +41,7 @@ from .._record import (
 )
 from .._tally import default_tally
 from .._tokens import count_prompt, count_text
-from .._validation import check_properties, check_user_id
+from .._validation import properties_from, user_id_from
 from .openai_usage import BodyUsage, Usage, read_body, read_truncated_body, read_usage
 
 if TYPE_CHECKING:
@@ -61,7 +61,6 @@ _HELICONE_PROPERTY = "helicone-property-"
 _TAIL_BYTES = 64 * 1024
 _HEAD_BYTES = 4 * 1024
 COST_NOT_BILLED = "not-billed"
-T = TypeVar("T")
 
 # The call in flight in this task/thread, so the _process_response hook can attach to it.
 _active_call: ContextVar[_Call | None] = ContextVar("llm_tally_openai_call", default=None)
@@ -302,7 +301,7 @@ class _Call:
             for key in ("safety_identifier", "user"):
                 value = body.get(key)
                 if isinstance(value, str) and value:
-                    call.user_id = _valid_or_none(check_user_id, value, key)
+                    call.user_id = user_id_from(value, key)
                     if call.user_id is not None:
                         break
         if stream and operation in _STREAM_USAGE_OPERATIONS:
@@ -331,10 +330,10 @@ class _Call:
             if isinstance(value, Omit) or value is None:
                 continue
             if key == _HELICONE_USER:
-                self.user_id = _valid_or_none(check_user_id, str(value), "Helicone-User-Id")
+                self.user_id = user_id_from(value, "Helicone-User-Id")
             elif key.startswith(_HELICONE_PROPERTY) and len(key) > len(_HELICONE_PROPERTY):
                 properties[key[len(_HELICONE_PROPERTY) :]] = value
-        checked = _valid_or_none(check_properties, properties, "Helicone-Property-*") or {}
+        checked = properties_from(properties, "Helicone-Property-*")
         if checked:
             self.properties = {**self.properties, **checked}
         options = options.model_copy()
@@ -625,15 +624,6 @@ class _Call:
     def _finish_from_body(self, body: bytes | _Tail) -> None:
         self.body_source = body  # read by the writer thread (see to_record)
         self.finish(self.status)
-
-
-def _valid_or_none(check: Callable[..., T], value: Any, field: str) -> T | None:
-    """A bad id or property on an LLM call is ignored with a warning: the call must go on."""
-    try:
-        return check(value, field)
-    except ValueError as exc:
-        logger.warning("llm-tally: ignoring an invalid value on an LLM call: %s", exc)
-        return None
 
 
 def _is_helicone(key: Any) -> bool:

@@ -4,25 +4,10 @@ from __future__ import annotations
 
 import inspect
 import ipaddress
-import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .._internal import logger
-from .._validation import check_properties, check_user_id
-
-_warned: set[str] = set()
-_warned_lock = threading.Lock()
-
-
-def _warn_once(kind: str, exc: BaseException) -> None:
-    with _warned_lock:
-        first = kind not in _warned
-        _warned.add(kind)
-    if first:
-        logger.warning(
-            "llm-tally: %s failed; the request goes on without it (logged once)", kind, exc_info=exc
-        )
+from .._validation import user_id_from, warn_once
 
 
 def check_middleware_arguments(tally: Any, identify: Any, properties: Any) -> None:
@@ -49,36 +34,12 @@ def check_header(value: Any) -> str | None:
     return value.lower()
 
 
-def user_id_from(value: Any, source: str) -> str | None:
-    """A user id from the app's code: an id, or None; a bad one is logged and ignored."""
-    if value is None or value == "":
-        return None
-    try:
-        return check_user_id(value if isinstance(value, str | int) else str(value), source)
-    except ValueError as exc:
-        _warn_once(source, exc)
-        return None
-
-
-def properties_from(value: Any, source: str) -> dict[str, str]:
-    if not value:
-        return {}
-    if not isinstance(value, Mapping):
-        _warn_once(source, ValueError(f"{source} must return a dict, got {type(value).__name__}"))
-        return {}
-    try:
-        return check_properties(value, source)
-    except ValueError as exc:
-        _warn_once(source, exc)
-        return {}
-
-
 def call_app_code(fn: Callable[..., Any], *args: Any, source: str) -> Any:
     """Call the app's own callable; its failure is logged, never raised into the request."""
     try:
         return fn(*args)
     except Exception as exc:
-        _warn_once(source, exc)
+        warn_once(source, exc)
         return None
 
 
@@ -89,7 +50,7 @@ async def call_app_code_async(fn: Callable[..., Any], *args: Any, source: str) -
             result = await result
         return result
     except Exception as exc:
-        _warn_once(source, exc)
+        warn_once(source, exc)
         return None
 
 
@@ -118,7 +79,7 @@ def user_from_flask_login() -> str | None:
             return None
         return user_id_from(current_user.get_id(), "flask_login.current_user.get_id()")
     except Exception as exc:
-        _warn_once("flask_login.current_user", exc)
+        warn_once("flask_login.current_user", exc)
         return None
 
 

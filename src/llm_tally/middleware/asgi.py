@@ -11,14 +11,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._context import current_scope
 from .._scope import Scope as UsageScope
+from .._validation import properties_from, user_id_from
 from ._identify import (
     call_app_code_async,
     check_header,
     check_middleware_arguments,
-    properties_from,
     user_from_asgi_header,
     user_from_starlette,
-    user_id_from,
 )
 
 if TYPE_CHECKING:

@@ -8,13 +8,12 @@ from typing import TYPE_CHECKING, Any
 
 from .._context import current_scope
 from .._scope import Scope as UsageScope
+from .._validation import properties_from, user_id_from
 from ._identify import (
     call_app_code,
     check_header,
     check_middleware_arguments,
-    properties_from,
     user_from_environ_header,
-    user_id_from,
 )
 
 if TYPE_CHECKING:

@@ -7,15 +7,14 @@ from typing import TYPE_CHECKING, Any
 
 from .._context import current_scope
 from .._scope import current_user_id
+from .._validation import properties_from, user_id_from
 from ..middleware._identify import (
     call_app_code,
     check_callable,
     check_header,
     is_loopback,
-    properties_from,
     user_from_environ_header,
     user_from_flask_login,
-    user_id_from,
 )
 from ..middleware.wsgi import LLMUsageWSGIMiddleware
 from ..storage.insights import Revenue
