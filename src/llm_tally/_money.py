@@ -19,3 +19,16 @@ def usd_to_nano(amount: Decimal | int | str) -> int:
 def nano_to_usd(nano: int) -> Decimal:
     """Convert integer nano-USD back to an exact Decimal of USD."""
     return Decimal(nano).scaleb(-9)
+
+
+_NANO = Decimal("0.000000001")
+
+
+def round_usd(amount: Decimal) -> Decimal:
+    """``amount`` rounded half to even to the nano-dollar."""
+    return amount.quantize(_NANO, rounding=ROUND_HALF_EVEN)
+
+
+def average_usd(amount: Decimal, count: int) -> Decimal:
+    """``amount / count`` rounded half to even to the nano-dollar; 0 when ``count`` is 0."""
+    return round_usd(amount / count) if count else round_usd(Decimal(0))

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, case, func, select
+from sqlalchemy import ColumnElement, Engine, func, select
 
-from .._money import nano_to_usd
+from .._money import average_usd, nano_to_usd
 from .models import usage_table
-from .queries import _period
+from .queries import COST, TOTALS, period_conditions
 
 _c = usage_table.c
-_NANO = Decimal("0.000000001")
 
 #: Dimensions that are columns of a record rather than properties.
 BUILT_IN_DIMENSIONS = ("user", "model", "provider", "operation")
@@ -39,18 +38,12 @@ class GroupTotals:
     @property
     def avg_cost_per_user(self) -> Decimal:
         """``cost_usd / users``, rounded half-even to the nano-dollar (0 without users)."""
-        return _ratio(self.cost_usd, self.users)
+        return average_usd(self.cost_usd, self.users)
 
     @property
     def avg_cost_per_request(self) -> Decimal:
         """``cost_usd / requests``, rounded half-even to the nano-dollar."""
-        return _ratio(self.cost_usd, self.requests)
-
-
-def _ratio(amount: Decimal, count: int) -> Decimal:
-    if count == 0:
-        return Decimal(0).quantize(_NANO)
-    return (amount / count).quantize(_NANO, rounding=ROUND_HALF_EVEN)
+        return average_usd(self.cost_usd, self.requests)
 
 
 def dimension_column(dimension: str) -> ColumnElement[Any]:
@@ -72,26 +65,12 @@ def totals_by(
 ) -> list[GroupTotals]:
     """Totals per value of ``dimension``, most expensive first."""
     key = dimension_column(dimension).label("value")
-    cost = func.coalesce(func.sum(_c.cost_nano_usd), 0)
     query = (
-        select(
-            key,
-            func.count(func.distinct(_c.user_id)).label("users"),
-            func.count().label("requests"),
-            func.coalesce(func.sum(case((_c.status != "ok", 1), else_=0)), 0).label("errors"),
-            func.coalesce(func.sum(_c.input_tokens), 0).label("input_tokens"),
-            func.coalesce(func.sum(_c.output_tokens), 0).label("output_tokens"),
-            func.coalesce(func.sum(_c.cached_input_tokens), 0).label("cached_input_tokens"),
-            func.coalesce(func.sum(_c.reasoning_tokens), 0).label("reasoning_tokens"),
-            cost.label("cost"),
-            func.coalesce(func.sum(case((_c.cost_nano_usd.is_(None), 1), else_=0)), 0).label(
-                "unpriced"
-            ),
-        )
-        .where(*_period(since_us, until_us))
+        select(key, func.count(func.distinct(_c.user_id)).label("users"), *TOTALS)
+        .where(*period_conditions(since_us, until_us))
         .group_by(key)
         # The None group last on every database (SQLite sorts NULL first, PostgreSQL last).
-        .order_by(cost.desc(), key.is_(None), key)
+        .order_by(COST.desc(), key.is_(None), key)
     )
     with engine.connect() as conn:
         return [
@@ -104,7 +83,7 @@ def totals_by(
                 output_tokens=int(row.output_tokens),
                 cached_input_tokens=int(row.cached_input_tokens),
                 reasoning_tokens=int(row.reasoning_tokens),
-                cost_usd=nano_to_usd(int(row.cost)),
+                cost_usd=nano_to_usd(int(row.cost_nano_usd)),
                 unpriced_requests=int(row.unpriced),
             )
             for row in conn.execute(query)
@@ -129,7 +108,7 @@ def iter_records(
     batch: int = 5_000,
 ) -> Iterator[dict[str, Any]]:
     """Stored records in time order, streamed from the database in batches."""
-    query = select(usage_table).where(*_period(since_us, until_us))
+    query = select(usage_table).where(*period_conditions(since_us, until_us))
     if user_id is not None:
         query = query.where(_c.user_id == user_id)
     query = query.order_by(_c.ts, _c.id)
@@ -142,7 +121,9 @@ def iter_records(
 def count_records(
     engine: Engine, since_us: int | None, until_us: int | None, user_id: str | None = None
 ) -> int:
-    query = select(func.count()).select_from(usage_table).where(*_period(since_us, until_us))
+    query = (
+        select(func.count()).select_from(usage_table).where(*period_conditions(since_us, until_us))
+    )
     if user_id is not None:
         query = query.where(_c.user_id == user_id)
     with engine.connect() as conn:

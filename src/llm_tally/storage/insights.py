@@ -15,16 +15,15 @@ from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any, Literal
 
-from sqlalchemy import Engine, case, func, select
+from sqlalchemy import Engine, func, select
 
-from .._money import nano_to_usd
+from .._money import average_usd, nano_to_usd, round_usd
 from .._time import from_epoch_us, to_epoch_us
 from .analytics import dimension_column
 from .models import usage_table
-from .queries import _period
+from .queries import COST, UNPRICED, period_conditions
 
 _c = usage_table.c
-_NANO = Decimal("0.000000001")
 _US_PER_DAY = 86_400_000_000
 _US_PER_HOUR = 3_600_000_000
 
@@ -113,22 +112,22 @@ def profitability(
     key = dimension_column(dimension)
     latest = (
         select(_c.user_id, func.max(_c.ts).label("ts"))
-        .where(_c.user_id.is_not(None), *_period(since_us, until_us))
+        .where(_c.user_id.is_not(None), *period_conditions(since_us, until_us))
         .group_by(_c.user_id)
         .subquery()
     )
     plan_query = (
         select(_c.user_id, key.label("plan"))
         .join(latest, (latest.c.user_id == _c.user_id) & (latest.c.ts == _c.ts))
-        .where(*_period(since_us, until_us))
+        .where(*period_conditions(since_us, until_us))
     )
     totals_query = (
         select(
             _c.user_id,
             func.count().label("requests"),
-            func.coalesce(func.sum(_c.cost_nano_usd), 0).label("cost"),
+            COST.label("cost"),
         )
-        .where(_c.user_id.is_not(None), *_period(since_us, until_us))
+        .where(_c.user_id.is_not(None), *period_conditions(since_us, until_us))
         .group_by(_c.user_id)
     )
     with engine.connect() as conn:
@@ -147,7 +146,7 @@ def profitability(
                 user_id=row.user_id,
                 plan=plan,
                 requests=int(row.requests),
-                revenue_usd=(price * months).quantize(_NANO, rounding=ROUND_HALF_EVEN),
+                revenue_usd=round_usd(price * months),
                 cost_usd=nano_to_usd(int(row.cost)),
             )
         )
@@ -202,7 +201,7 @@ def activity(
         _c.input_tokens + _c.output_tokens,
         _c.latency_us,
         _c.ttft_us,
-    ).where(*_period(since_us, until_us))
+    ).where(*period_conditions(since_us, until_us))
     if key is not None:
         query = query.where(column == key)
     groups: dict[Any, dict[str, Any]] = defaultdict(
@@ -316,7 +315,7 @@ def anomalies(
             _c.user_id,
             bucket,
             func.count().label("requests"),
-            func.coalesce(func.sum(_c.cost_nano_usd), 0).label("cost"),
+            COST.label("cost"),
         )
         .where(_c.user_id.is_not(None), _c.ts >= start, _c.ts < end)
         .group_by(_c.user_id, bucket)
@@ -403,7 +402,9 @@ def expensive_calls(
     limit: int,
 ) -> list[dict[str, Any]]:
     """The costliest calls of the period (optionally of one user), most expensive first."""
-    query = select(usage_table).where(_c.cost_nano_usd.is_not(None), *_period(since_us, until_us))
+    query = select(usage_table).where(
+        _c.cost_nano_usd.is_not(None), *period_conditions(since_us, until_us)
+    )
     if user_id is not None:
         query = query.where(_c.user_id == user_id)
     query = query.order_by(_c.cost_nano_usd.desc(), _c.ts).limit(limit)
@@ -424,9 +425,8 @@ class PairTotals:
 
     @property
     def avg_cost_per_request(self) -> Decimal:
-        if self.requests == 0:
-            return Decimal(0).quantize(_NANO)
-        return (self.cost_usd / self.requests).quantize(_NANO, rounding=ROUND_HALF_EVEN)
+        """``cost_usd / requests`` (unpriced calls included), rounded to the nano-dollar."""
+        return average_usd(self.cost_usd, self.requests)
 
 
 def expensive_pairs(
@@ -440,18 +440,16 @@ def expensive_pairs(
     """The costliest (model, ``dimension`` value) pairs, most expensive first."""
     model = dimension_column("model").label("model")
     value = dimension_column(dimension).label("value")
-    cost = func.coalesce(func.sum(_c.cost_nano_usd), 0)
-    unpriced = func.coalesce(func.sum(case((_c.cost_nano_usd.is_(None), 1), else_=0)), 0)
     query = select(
         model,
         value,
         func.count().label("requests"),
-        cost.label("cost"),
-        unpriced.label("unpriced"),
-    ).where(*_period(since_us, until_us))
+        COST.label("cost"),
+        UNPRICED.label("unpriced"),
+    ).where(*period_conditions(since_us, until_us))
     if user_id is not None:
         query = query.where(_c.user_id == user_id)
-    query = query.group_by(model, value).order_by(cost.desc(), model, value).limit(limit)
+    query = query.group_by(model, value).order_by(COST.desc(), model, value).limit(limit)
     with engine.connect() as conn:
         return [
             PairTotals(

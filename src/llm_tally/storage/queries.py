@@ -40,21 +40,26 @@ class UserTotals:
 
 
 _c = usage_table.c
-_AGGREGATES: tuple[ColumnElement[Any], ...] = (
+#: The cost of a group of calls (nano-USD; unpriced calls add nothing).
+COST = func.coalesce(func.sum(_c.cost_nano_usd), 0)
+#: How many calls of a group had no known price.
+UNPRICED = func.coalesce(func.sum(case((_c.cost_nano_usd.is_(None), 1), else_=0)), 0)
+#: What every report sums over a group of calls, labelled as the result fields.
+TOTALS: tuple[ColumnElement[Any], ...] = (
     func.count().label("requests"),
     func.coalesce(func.sum(case((_c.status != "ok", 1), else_=0)), 0).label("errors"),
     func.coalesce(func.sum(_c.input_tokens), 0).label("input_tokens"),
     func.coalesce(func.sum(_c.output_tokens), 0).label("output_tokens"),
     func.coalesce(func.sum(_c.cached_input_tokens), 0).label("cached_input_tokens"),
     func.coalesce(func.sum(_c.reasoning_tokens), 0).label("reasoning_tokens"),
-    func.coalesce(func.sum(_c.cost_nano_usd), 0).label("cost_nano_usd"),
-    func.coalesce(func.sum(case((_c.cost_nano_usd.is_(None), 1), else_=0)), 0).label("unpriced"),
-    func.min(_c.ts).label("first_ts"),
-    func.max(_c.ts).label("last_ts"),
+    COST.label("cost_nano_usd"),
+    UNPRICED.label("unpriced"),
 )
+_AGGREGATES = (*TOTALS, func.min(_c.ts).label("first_ts"), func.max(_c.ts).label("last_ts"))
 
 
-def _period(since_us: int | None, until_us: int | None) -> list[ColumnElement[bool]]:
+def period_conditions(since_us: int | None, until_us: int | None) -> list[ColumnElement[bool]]:
+    """The conditions of ``[since, until)`` (epoch microseconds; None is open-ended)."""
     conditions: list[ColumnElement[bool]] = []
     if since_us is not None:
         conditions.append(_c.ts >= since_us)
@@ -84,7 +89,9 @@ def user_totals(
     engine: Engine, user_id: str | None, since_us: int | None, until_us: int | None
 ) -> UserTotals:
     """Totals of one user (``None``: calls made outside any user context)."""
-    query = select(*_AGGREGATES).where(_who(user_id), *_period(since_us, until_us))
+    query = select(*_AGGREGATES).where(
+        user_condition(user_id), *period_conditions(since_us, until_us)
+    )
     with engine.connect() as conn:
         row = conn.execute(query).one()
     return _totals(user_id, row)
@@ -100,14 +107,14 @@ def users(
 ) -> list[UserTotals]:
     """Per-user totals, largest first; calls without a user are left out."""
     sort_keys: dict[str, ColumnElement[Any]] = {
-        "cost": func.coalesce(func.sum(_c.cost_nano_usd), 0),
+        "cost": COST,
         "requests": func.count(),
         "tokens": func.coalesce(func.sum(_c.input_tokens + _c.output_tokens), 0),
         "last_seen": func.max(_c.ts),
     }
     query = (
         select(_c.user_id, *_AGGREGATES)
-        .where(_c.user_id.is_not(None), *_period(since_us, until_us))
+        .where(_c.user_id.is_not(None), *period_conditions(since_us, until_us))
         .group_by(_c.user_id)
         .order_by(sort_keys[order_by].desc(), _c.user_id)
         .limit(limit)
@@ -120,7 +127,7 @@ def users(
 def count_users(engine: Engine, since_us: int | None, until_us: int | None) -> int:
     """How many distinct users made calls in the period."""
     query = select(func.count(func.distinct(_c.user_id))).where(
-        _c.user_id.is_not(None), *_period(since_us, until_us)
+        _c.user_id.is_not(None), *period_conditions(since_us, until_us)
     )
     with engine.connect() as conn:
         return int(conn.execute(query).scalar() or 0)
@@ -151,7 +158,8 @@ class DayTotals:
 _US_PER_DAY = 86_400_000_000
 
 
-def _who(user_id: str | None) -> ColumnElement[bool]:
+def user_condition(user_id: str | None) -> ColumnElement[bool]:
+    """One user's calls (``None``: the calls made outside any user context)."""
     column: ColumnElement[str | None] = _c.user_id
     return column.is_(None) if user_id is None else column == user_id
 
@@ -167,11 +175,11 @@ def by_model(
             func.count().label("requests"),
             func.coalesce(func.sum(_c.input_tokens), 0).label("input_tokens"),
             func.coalesce(func.sum(_c.output_tokens), 0).label("output_tokens"),
-            func.coalesce(func.sum(_c.cost_nano_usd), 0).label("cost"),
+            COST.label("cost"),
         )
-        .where(_who(user_id), *_period(since_us, until_us))
+        .where(user_condition(user_id), *period_conditions(since_us, until_us))
         .group_by(model)
-        .order_by(func.coalesce(func.sum(_c.cost_nano_usd), 0).desc(), model)
+        .order_by(COST.desc(), model)
     )
     with engine.connect() as conn:
         return [
@@ -197,9 +205,9 @@ def daily(
             func.count().label("requests"),
             func.coalesce(func.sum(_c.input_tokens), 0).label("input_tokens"),
             func.coalesce(func.sum(_c.output_tokens), 0).label("output_tokens"),
-            func.coalesce(func.sum(_c.cost_nano_usd), 0).label("cost"),
+            COST.label("cost"),
         )
-        .where(_who(user_id), *_period(since_us, until_us))
+        .where(user_condition(user_id), *period_conditions(since_us, until_us))
         .group_by(day)
         .order_by(day)
     )
