@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -783,7 +784,7 @@ def _hook_parse(api_response: Any, call: _Call) -> None:
             guard("observe parsed stream", call._attach_stream, parsed)
         return parsed
 
-    if isinstance(api_response, LegacyAPIResponse) or not _is_async_parse(original):
+    if not inspect.iscoroutinefunction(original):
 
         def parse(*args: Any, **kwargs: Any) -> Any:
             return attach(original(*args, **kwargs))
@@ -795,12 +796,6 @@ def _hook_parse(api_response: Any, call: _Call) -> None:
             return attach(await original(*args, **kwargs))
 
         api_response.parse = aparse
-
-
-def _is_async_parse(method: Any) -> bool:
-    import inspect
-
-    return inspect.iscoroutinefunction(method)
 
 
 # -- byte taps for raw bodies ----------------------------------------------------------------

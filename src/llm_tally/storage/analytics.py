@@ -97,9 +97,6 @@ def has_property(engine: Engine, key: str) -> bool:
         return conn.execute(query).first() is not None
 
 
-EXPORT_COLUMNS = tuple(column.name for column in usage_table.columns)
-
-
 def iter_records(
     engine: Engine,
     since_us: int | None,
