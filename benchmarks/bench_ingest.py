@@ -52,6 +52,7 @@ from _common import print_machine_info, print_table
 from sqlalchemy import func, insert, select
 
 from llm_tally import Tally, UsageRecord
+from llm_tally.storage import rollups
 
 MODEL = "gpt-4o-mini"
 # gpt-4o-mini list prices (USD per token), used only to make the given costs realistic.
@@ -182,6 +183,29 @@ def run_tally(
         )
     finally:
         tally.close()
+
+
+def run_roll_up(db: Path, items: list[Item], batch: int) -> str:
+    """SQLite rolls up lazily: store the records, close (closing does not roll up), then time
+    the catch-up that the idle writer or the next report would run."""
+    with Tally(f"sqlite:///{db}", instrument=False, max_queue=len(items), batch_size=batch) as t:
+        for item in items:
+            t.record(
+                user_id=item.user_id,
+                model=MODEL,
+                input_tokens=item.input_tokens,
+                output_tokens=item.output_tokens,
+                cost_usd=item.cost_usd,
+                properties={"plan": item.plan},
+            )
+    with Tally(f"sqlite:///{db}", instrument=False) as tally:
+        start = time.perf_counter()
+        rolled = rollups.catch_up(tally.engine)
+        took = time.perf_counter() - start
+    return (
+        f"roll-up: {rolled:,} stored records rolled up in {took:.2f} s "
+        f"({rolled / took:,.0f} records/s, on the writer thread when idle, off the app's path)"
+    )
 
 
 def writer_rows(items: list[Item]) -> list[dict[str, Any]]:
@@ -542,9 +566,12 @@ def main() -> None:
         "raw-sqlalchemy": lambda db: run_raw_sqlalchemy(db, writer_rows(items), args.batch),
         "raw-sqlite3": lambda db: run_raw_sqlite3(db, writer_rows(items), args.batch),
     }
-    busy_note = ""
+    busy_note = roll_up_note = ""
     with tempfile.TemporaryDirectory(prefix="llm-tally-ingest-") as tmp:
         for name in scenarios:
+            if name == "roll-up":
+                roll_up_note = run_roll_up(Path(tmp) / "roll-up.db", items, args.batch)
+                continue
             if name == "busy-app":
                 busy_note = run_busy_app(
                     Path(tmp) / "busy.db",
@@ -566,6 +593,9 @@ def main() -> None:
         if busy_note:
             print()
             print(busy_note)
+        if roll_up_note:
+            print()
+            print(roll_up_note)
         if args.profile:
             print()
             profile_writer(
@@ -578,6 +608,7 @@ def main() -> None:
 
 
 SCENARIOS = (
+    "roll-up",
     "given-cost",
     "priced",
     "given-cost-parked",

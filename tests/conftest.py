@@ -116,7 +116,11 @@ def pg_url() -> Iterator[str]:
     engine = create_engine(POSTGRES_URL)
     try:
         with engine.begin() as conn:
-            conn.execute(text("DROP TABLE IF EXISTS llm_tally_usage, llm_tally_meta"))
+            names = conn.execute(
+                text("SELECT tablename FROM pg_tables WHERE tablename LIKE 'llm\\_tally\\_%'")
+            ).scalars()
+            for name in list(names):
+                conn.execute(text(f'DROP TABLE IF EXISTS "{name}"'))
     except Exception as exc:  # pragma: no cover - CI starts PostgreSQL; say so when it is not
         pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_URL}: {exc}")
     finally:

@@ -350,6 +350,7 @@ def test_users_page_adds_up_the_seeds_like_the_python_api_on_both_frameworks(
     sums = per_user(IN_PERIOD)
     with servers(seeded) as urls:
         body = page_of(urls, "/llm-usage/", PERIOD)
+        anomalies = page_of(urls, "/llm-usage/anomalies", PERIOD)
     page = Page(body)
 
     totals = page.cards["totals"]
@@ -412,7 +413,10 @@ def test_users_page_adds_up_the_seeds_like_the_python_api_on_both_frameworks(
     assert [(r[0], r[1], num(r[2]), usd(r[3])) for r in rows] == want_pairs
     api_pairs = seeded.expensive_pairs("feature", SINCE, UNTIL, limit=10)
     assert [usd(r[4]) for r in rows] == [p.avg_cost_per_request for p in api_pairs]
-    assert "No anomaly in the last hour or the last day." in body
+    # Anomalies have their own page, linked from this one with the same period.
+    link = html.escape(f"anomalies?{urlencode(PERIOD)}")
+    assert f'<a id="anomalies-link" href="{link}">' in body
+    assert "No anomaly in the last hour or the last day." in anomalies
 
 
 @pytest.mark.parametrize("order_by", ["cost", "requests", "tokens", "last_seen"])
@@ -654,7 +658,7 @@ def test_anomalies_panel_lists_the_python_apis_anomalies(tally: Tally) -> None:
         tally.record(user_id=spiky, model="gpt-4o", output_tokens=1, cost_usd="0.002", ts=ts)
     assert tally.flush(10)
     with servers(tally) as urls:
-        page = Page(page_of(urls, "/llm-usage/", {"period": "all"}))
+        page = Page(page_of(urls, "/llm-usage/anomalies", {"period": "all"}))
     want = [(w, a) for w in ("hour", "day") for a in tally.anomalies(w)]  # type: ignore[arg-type]
     assert len(want) == 4  # requests and cost, in the last hour and the last day
     assert page.tables["anomalies"] == [
@@ -933,7 +937,7 @@ def test_browser_screenshots_of_a_demo_store(tmp_path: Path, page: Any, dialogs:
     """The demo's own traffic (``llm-tally demo --once``) plus 30 days of history like it.
 
     ``LLM_TALLY_SCREENSHOTS=docs pytest tests/test_dashboard.py -k screenshots`` refreshes
-    docs/dashboard-users.png and docs/dashboard-user.png.
+    docs/dashboard-users.png, docs/dashboard-anomalies.png and docs/dashboard-user.png.
     """
     out = Path(os.environ.get("LLM_TALLY_SCREENSHOTS") or tmp_path)
     url = f"sqlite:///{tmp_path}/demo.db"
@@ -976,13 +980,17 @@ def test_browser_screenshots_of_a_demo_store(tmp_path: Path, page: Any, dialogs:
         with BackgroundServer(app) as server:
             page.goto(f"{server.url}/llm-usage/?period=30d")
             assert page.locator("#users tbody tr").count() == 4
-            assert page.locator("#anomalies tbody tr").count() > 0
             page.screenshot(path=str(out / "dashboard-users.png"), full_page=True)
+            page.get_by_role("link", name="Anomalies").first.click()
+            page.wait_for_url(at_path("/llm-usage/anomalies"))
+            assert page.locator("#anomalies tbody tr").count() > 0
+            page.screenshot(path=str(out / "dashboard-anomalies.png"), full_page=True)
+            page.go_back()
             page.get_by_role("link", name="dave@example.com").first.click()
             page.wait_for_url(at_path(user_path("dave@example.com")))
             assert page.locator("#chart-requests rect.bar").count() >= 20
             page.screenshot(path=str(out / "dashboard-user.png"), full_page=True)
-    for name in ("dashboard-users.png", "dashboard-user.png"):
+    for name in ("dashboard-users.png", "dashboard-anomalies.png", "dashboard-user.png"):
         data = (out / name).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 20_000, name
         assert int.from_bytes(data[16:20], "big") == 1280  # the laptop-wide viewport

@@ -504,8 +504,8 @@ def expected_pairs(
         (model, value, n, usd(cost), round_half_even(Fraction(cost, n * NANO), 9))
         for (model, value), (n, cost) in totals.items()
     ]
-    # Most expensive first, then model and value; SQLite sorts a missing value first.
-    rows.sort(key=lambda r: (-r[3], r[0], r[1] is not None, r[1] or ""))
+    # Most expensive first, then model and value, a missing value after the others.
+    rows.sort(key=lambda r: (-r[3], r[0], r[1] is None, r[1] or ""))
     return rows[:limit]
 
 

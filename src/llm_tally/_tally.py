@@ -28,7 +28,7 @@ from ._record import (
 from ._scope import OpenCall
 from ._time import TimeBound, bound_to_epoch_us, to_epoch_us
 from ._validation import check_properties, check_user_id
-from .storage import analytics, insights, queries
+from .storage import analytics, insights, queries, rollups
 from .storage.analytics import GroupTotals
 from .storage.engine import create_store_engine, create_tables, resolve_database_url
 from .storage.queries import ORDER_BY_VALUES, DayTotals, ModelTotals, OrderBy, UserTotals
@@ -328,6 +328,11 @@ class Tally:
         """
         return analytics.totals_by(self.engine, _check_dimension(dimension), *_period(since, until))
 
+    def totals(self, since: TimeBound = None, until: TimeBound = None) -> GroupTotals:
+        """Everything in ``[since, until)`` as one group: distinct users (calls without a
+        user are counted in requests and cost, not in ``users``), requests, tokens, cost."""
+        return analytics.period_totals(self.engine, *_period(since, until))
+
     def has_property(self, key: str) -> bool:
         """Whether any stored call carries the property ``key``."""
         return analytics.has_property(self.engine, _check_dimension(key))
@@ -455,16 +460,40 @@ class Tally:
         )
 
     def stats(self) -> dict[str, Any]:
-        """Health of the writer: queue depth, records written and dropped, last write error."""
+        """Health of the writer, from memory (no database query): queue depth, records
+        written and dropped, write errors and the last one, when the last write succeeded
+        and failed (Unix times), streams still open."""
         s = self._writer.stats
         return {
             "queue_depth": self._writer.depth,
+            "max_queue": self._writer.max_queue,
             "written": s.written,
             "dropped": s.dropped,
             "write_errors": s.write_errors,
             "last_write_error": s.last_write_error,
+            "last_write_at": s.last_write_at,
+            "last_write_error_at": s.last_write_error_at,
             "open_streams": len(self._open_calls),
         }
+
+    def health(self) -> dict[str, Any]:
+        """:meth:`stats`, plus a check that the store answers and how many stored calls wait
+        to be rolled up (SQLite). ``status`` is ``"ok"``, or ``"degraded"`` when the store
+        does not answer, the last write failed, or records were dropped."""
+        report: dict[str, Any] = self.stats()
+        try:
+            report["rollup_backlog"] = rollups.pending_rows(self.engine)
+            report["store_error"] = None
+        except Exception as exc:
+            report["rollup_backlog"] = None
+            report["store_error"] = f"{type(exc).__name__}: {exc}"[:500]
+        failing = report["last_write_error_at"] is not None and (
+            report["last_write_at"] is None
+            or report["last_write_error_at"] > report["last_write_at"]
+        )
+        healthy = report["store_error"] is None and not failing and not report["dropped"]
+        report["status"] = "ok" if healthy else "degraded"
+        return report
 
     # -- web apps ----------------------------------------------------------------------------
 

@@ -31,6 +31,19 @@ def from_epoch_us(value: int) -> datetime:
     return datetime.fromtimestamp(value // 1_000_000, tz=UTC).replace(microsecond=value % 1_000_000)
 
 
+def floor_month(us: int) -> int:
+    """The start of the UTC month holding ``us`` (epoch microseconds)."""
+    moment = from_epoch_us(us)
+    return to_epoch_us(datetime(moment.year, moment.month, 1, tzinfo=UTC))
+
+
+def next_month(us: int) -> int:
+    """The start of the UTC month after the one holding ``us``."""
+    moment = from_epoch_us(us)
+    year, month = divmod(moment.year * 12 + moment.month, 12)
+    return to_epoch_us(datetime(year, month + 1, 1, tzinfo=UTC))
+
+
 def month_period(
     year: int | None = None, month: int | None = None, tz: str = "UTC"
 ) -> tuple[datetime, datetime]:

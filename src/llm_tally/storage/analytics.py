@@ -5,13 +5,22 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
+from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, func, select
+from sqlalchemy import ColumnElement, Engine, Select, Subquery, and_, func, select
 
 from .._money import average_usd, nano_to_usd
-from .models import usage_table
-from .queries import COST, TOTALS, period_conditions
+from .._time import next_month
+from .models import (
+    monthly_groups_table,
+    monthly_pairs_table,
+    monthly_users_table,
+    monthly_values_table,
+    usage_table,
+)
+from .queries import UserTotals, period_conditions, user_totals_of
+from .source import SOME_USER, SUMMED, Range, reading, seen_of, source, split_period, totals_of
 
 _c = usage_table.c
 
@@ -60,34 +69,205 @@ def dimension_column(dimension: str) -> ColumnElement[Any]:
     return column
 
 
+def dimension_of(calls: Subquery, dimension: str) -> ColumnElement[Any]:
+    """The dimension's expression over the rows of a :func:`~.source.source`."""
+    column: ColumnElement[Any]
+    if dimension == "user":
+        column = calls.c.user_id
+    elif dimension in ("model", "provider", "operation"):
+        column = calls.c[dimension]
+    else:
+        column = calls.c.properties[dimension].as_string()
+    return column
+
+
+def _group(value: str | None, row: Any) -> GroupTotals:
+    return GroupTotals(
+        value=value,
+        users=int(row.users),
+        requests=int(row.requests),
+        errors=int(row.errors),
+        input_tokens=int(row.input_tokens),
+        output_tokens=int(row.output_tokens),
+        cached_input_tokens=int(row.cached_input_tokens),
+        reasoning_tokens=int(row.reasoning_tokens),
+        cost_usd=nano_to_usd(int(row.cost_nano_usd)),
+        unpriced_requests=int(row.unpriced),
+    )
+
+
+def period_totals(engine: Engine, since_us: int | None, until_us: int | None) -> GroupTotals:
+    """Everything in the period as one group (``value`` None): users, requests, cost..."""
+    parts = split_period(since_us, until_us)
+    if parts.only_months and parts.months is not None:
+        p = monthly_pairs_table.c
+        m = monthly_users_table.c
+        user = func.nullif(m.user_key, "")
+        count = func.count(user) if single_month(parts.months) else func.count(func.distinct(user))
+        query = select(
+            select(count)
+            .where(*month_bounds(m.month, parts.months))
+            .scalar_subquery()
+            .label("users"),
+            *(func.coalesce(func.sum(p[name]), 0).label(name) for name in SUMMED),
+        ).where(p.dimension == "", *month_bounds(p.month, parts.months))
+    else:
+        calls = source(since_us, until_us, detail=False)
+        query = select(func.count(func.distinct(calls.c.user_id)).label("users"), *totals_of(calls))
+    with reading(engine) as conn:
+        return _group(None, conn.execute(query).one())
+
+
+def users_with_property(
+    engine: Engine, name: str, value: str, since_us: int | None, until_us: int | None
+) -> list[UserTotals]:
+    """Per-user totals of the calls whose property ``name`` is ``value`` (any order)."""
+    parts = split_period(since_us, until_us)
+    query: Select[Any]
+    if parts.only_months and parts.months is not None and name not in BUILT_IN_DIMENSIONS:
+        g = monthly_groups_table.c
+        query = (
+            select(
+                g.user_key.label("user_id"),
+                *(func.sum(g[measure]).label(measure) for measure in SUMMED),
+                func.min(g.first_ts).label("first_ts"),
+                func.max(g.last_ts).label("last_ts"),
+            )
+            .where(
+                *month_bounds(g.month, parts.months),
+                g.dimension == name,
+                g.value == value,
+                g.user_key != "",
+            )
+            .group_by(g.user_key)
+        )
+    else:
+        calls = source(since_us, until_us, SOME_USER)
+        query = (
+            select(calls.c.user_id, *totals_of(calls), *seen_of(calls))
+            .where(dimension_of(calls, name) == value)
+            .group_by(calls.c.user_id)
+        )
+    with reading(engine) as conn:
+        return [user_totals_of(row.user_id, row) for row in conn.execute(query)]
+
+
+#: Dimensions without a monthly rollup of their own ("user" has the per-user one).
+_HOURLY_ONLY = ("user", "provider", "operation")
+
+
 def totals_by(
     engine: Engine, dimension: str, since_us: int | None, until_us: int | None
 ) -> list[GroupTotals]:
-    """Totals per value of ``dimension``, most expensive first."""
-    key = dimension_column(dimension).label("value")
+    """Totals per value of ``dimension``, most expensive first (the None group last of equals)."""
+    parts = split_period(since_us, until_us)
+    if dimension not in _HOURLY_ONLY and parts.only_months and parts.months is not None:
+        return _monthly_totals_by(engine, dimension, parts.months)
+    calls = source(since_us, until_us, detail=dimension != "user")
+    key = dimension_of(calls, dimension).label("value")
+    cost = func.sum(calls.c.cost_nano_usd)
     query = (
-        select(key, func.count(func.distinct(_c.user_id)).label("users"), *TOTALS)
-        .where(*period_conditions(since_us, until_us))
+        select(key, func.count(func.distinct(calls.c.user_id)).label("users"), *totals_of(calls))
         .group_by(key)
         # The None group last on every database (SQLite sorts NULL first, PostgreSQL last).
-        .order_by(COST.desc(), key.is_(None), key)
+        .order_by(cost.desc(), key.is_(None), key)
     )
-    with engine.connect() as conn:
-        return [
-            GroupTotals(
-                value=row.value,
-                users=int(row.users),
-                requests=int(row.requests),
-                errors=int(row.errors),
-                input_tokens=int(row.input_tokens),
-                output_tokens=int(row.output_tokens),
-                cached_input_tokens=int(row.cached_input_tokens),
-                reasoning_tokens=int(row.reasoning_tokens),
-                cost_usd=nano_to_usd(int(row.cost_nano_usd)),
-                unpriced_requests=int(row.unpriced),
+    with reading(engine) as conn:
+        return [_group(row.value, row) for row in conn.execute(query)]
+
+
+def _monthly_totals_by(engine: Engine, dimension: str, months: Range) -> list[GroupTotals]:
+    """``totals_by`` over whole UTC months, from the monthly rollups: each value's totals
+    from the pairs rollup (a few rows per model), its distinct users from the groups rollup.
+
+    Calls without the property have no rows: their group is the months' totals minus the
+    other groups, and its users are those with more calls than their grouped calls.
+    """
+    g = monthly_groups_table.c
+    p = monthly_pairs_table.c
+    m = monthly_users_table.c
+    cost = func.sum(p.cost_nano_usd)
+    if dimension == "model":
+        value, of_dimension = p.model, p.dimension == ""
+        # '' is how rollups store "no model": the None group, last among equal costs.
+        order = (cost.desc(), value == "", value)
+    else:
+        value, of_dimension = p.value, p.dimension == dimension
+        order = (cost.desc(), value == value, value)
+    sums = tuple(func.coalesce(func.sum(p[name]), 0).label(name) for name in SUMMED)
+    values = (
+        select(value.label("value"), *sums)
+        .where(of_dimension, *month_bounds(p.month, months))
+        .group_by(value)
+        .order_by(*order)
+    )
+    in_groups = [g.dimension == dimension, *month_bounds(g.month, months)]
+    users: Select[Any]
+    if single_month(months):
+        v = monthly_values_table.c
+        users = select(v.value, v.users).where(
+            v.dimension == dimension, *month_bounds(v.month, months)
+        )
+    else:
+        # A user of two months counts once.
+        count = func.count(func.distinct(func.nullif(g.user_key, "")))
+        users = select(g.value, count.label("users")).where(*in_groups).group_by(g.value)
+    everything = select(*sums).where(p.dimension == "", *month_bounds(p.month, months))
+    with reading(engine) as conn:
+        rows = list(conn.execute(values))
+        user_counts: dict[str, int] = {row[0]: int(row[1]) for row in conn.execute(users)}
+        total = conn.execute(everything).one()
+        found = [
+            _group(
+                None if dimension == "model" and row.value == "" else row.value,
+                SimpleNamespace(users=user_counts.get(row.value, 0), **row._mapping),
             )
-            for row in conn.execute(query)
+            for row in rows
         ]
+        rest = {
+            name: int(getattr(total, name)) - sum(int(getattr(row, name)) for row in rows)
+            for name in SUMMED
+        }
+        if rest["requests"] <= 0:
+            return found
+        per_user = (
+            select(g.month, g.user_key, func.sum(g.requests).label("grouped"))
+            .where(*in_groups)
+            .group_by(g.month, g.user_key)
+            .subquery()
+        )
+        users_without = (
+            select(func.count(func.distinct(func.nullif(m.user_key, ""))))
+            .select_from(
+                monthly_users_table.outerjoin(
+                    per_user, and_(per_user.c.month == m.month, per_user.c.user_key == m.user_key)
+                )
+            )
+            .where(
+                *month_bounds(m.month, months), m.requests > func.coalesce(per_user.c.grouped, 0)
+            )
+        )
+        missing_users = int(conn.execute(users_without).scalar() or 0)
+    none = _group(None, SimpleNamespace(users=missing_users, **rest))
+    # After the groups that cost more or as much: the None group sorts last among equals.
+    position = sum(1 for group in found if group.cost_usd >= none.cost_usd)
+    found.insert(position, none)
+    return found
+
+
+def single_month(months: Range) -> bool:
+    start, end = months
+    return start is not None and end is not None and next_month(start) == end
+
+
+def month_bounds(column: ColumnElement[Any], months: Range) -> list[ColumnElement[bool]]:
+    start, end = months
+    bounds: list[ColumnElement[bool]] = []
+    if start is not None:
+        bounds.append(column >= start)
+    if end is not None:
+        bounds.append(column < end)
+    return bounds
 
 
 def has_property(engine: Engine, key: str) -> bool:
@@ -113,6 +293,20 @@ def iter_records(
         result = conn.execution_options(stream_results=True, yield_per=batch).execute(query)
         for row in result:
             yield dict(row._mapping)
+
+
+def latest_records(
+    engine: Engine, user_id: str, since_us: int | None, until_us: int | None, count: int
+) -> list[dict[str, Any]]:
+    """A user's last ``count`` calls of the period, newest first (through the user index)."""
+    query = (
+        select(usage_table)
+        .where(_c.user_id == user_id, *period_conditions(since_us, until_us))
+        .order_by(_c.ts.desc(), _c.id.desc())
+        .limit(count)
+    )
+    with engine.connect() as conn:
+        return [dict(row._mapping) for row in conn.execute(query)]
 
 
 def count_records(

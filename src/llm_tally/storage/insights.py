@@ -19,9 +19,24 @@ from sqlalchemy import Engine, func, select
 
 from .._money import average_usd, nano_to_usd, round_usd
 from .._time import from_epoch_us, to_epoch_us
-from .analytics import dimension_column
-from .models import usage_table
-from .queries import COST, UNPRICED, period_conditions
+from .analytics import BUILT_IN_DIMENSIONS, dimension_column, dimension_of, month_bounds
+from .models import (
+    monthly_groups_table,
+    monthly_pairs_table,
+    monthly_users_table,
+    usage_table,
+)
+from .queries import period_conditions
+from .source import (
+    ANYONE,
+    SOME_USER,
+    Range,
+    parts_source,
+    reading,
+    source,
+    split_period,
+    split_windows,
+)
 
 _c = usage_table.c
 _US_PER_DAY = 86_400_000_000
@@ -109,30 +124,11 @@ def profitability(
     months = months_in_period(since, until)
     since_us = to_epoch_us(since, "since")
     until_us = to_epoch_us(until, "until")
-    key = dimension_column(dimension)
-    latest = (
-        select(_c.user_id, func.max(_c.ts).label("ts"))
-        .where(_c.user_id.is_not(None), *period_conditions(since_us, until_us))
-        .group_by(_c.user_id)
-        .subquery()
-    )
-    plan_query = (
-        select(_c.user_id, key.label("plan"))
-        .join(latest, (latest.c.user_id == _c.user_id) & (latest.c.ts == _c.ts))
-        .where(*period_conditions(since_us, until_us))
-    )
-    totals_query = (
-        select(
-            _c.user_id,
-            func.count().label("requests"),
-            COST.label("cost"),
-        )
-        .where(_c.user_id.is_not(None), *period_conditions(since_us, until_us))
-        .group_by(_c.user_id)
-    )
-    with engine.connect() as conn:
-        plans = {row.user_id: row.plan for row in conn.execute(plan_query)}
-        rows = list(conn.execute(totals_query))
+    parts = split_period(since_us, until_us)
+    if parts.only_months and parts.months is not None and dimension not in BUILT_IN_DIMENSIONS:
+        plans, rows = _monthly_plans_and_costs(engine, dimension, parts.months)
+    else:
+        plans, rows = _plans_and_costs(engine, dimension, since_us, until_us)
     results = []
     for row in rows:
         plan = plans.get(row.user_id)
@@ -152,6 +148,70 @@ def profitability(
         )
     results.sort(key=lambda p: (p.margin_usd, p.user_id))
     return results
+
+
+def _plans_and_costs(
+    engine: Engine, dimension: str, since_us: int, until_us: int
+) -> tuple[dict[str, str | None], list[Any]]:
+    """Each user's ``dimension`` value on their latest call, and their requests and cost."""
+    key = dimension_column(dimension)
+    latest = (
+        select(_c.user_id, func.max(_c.ts).label("ts"))
+        .where(_c.user_id.is_not(None), *period_conditions(since_us, until_us))
+        .group_by(_c.user_id)
+        .subquery()
+    )
+    plan_query = (
+        select(_c.user_id, key.label("plan"))
+        .join(latest, (latest.c.user_id == _c.user_id) & (latest.c.ts == _c.ts))
+        .where(*period_conditions(since_us, until_us))
+    )
+    calls = source(since_us, until_us, SOME_USER, detail=False)
+    totals_query = select(
+        calls.c.user_id,
+        func.sum(calls.c.requests).label("requests"),
+        func.sum(calls.c.cost_nano_usd).label("cost"),
+    ).group_by(calls.c.user_id)
+    with reading(engine) as conn:
+        plans = {row.user_id: row.plan for row in conn.execute(plan_query)}
+        return plans, list(conn.execute(totals_query))
+
+
+def _monthly_plans_and_costs(
+    engine: Engine, dimension: str, months: Range
+) -> tuple[dict[str, str | None], list[Any]]:
+    """As :func:`_plans_and_costs`, for whole UTC months, from the monthly rollups: the
+    latest call's value is the value whose last call is the user's last call (None when the
+    user's last call had no such property)."""
+    m = monthly_users_table.c
+    g = monthly_groups_table.c
+    totals_query = (
+        select(
+            m.user_key.label("user_id"),
+            func.sum(m.requests).label("requests"),
+            func.sum(m.cost_nano_usd).label("cost"),
+            func.max(m.last_ts).label("last_ts"),
+        )
+        .where(*month_bounds(m.month, months), m.user_key != "")
+        .group_by(m.user_key)
+    )
+    values_query = (
+        select(g.user_key, g.value, func.max(g.last_ts).label("last_ts"))
+        .where(*month_bounds(g.month, months), g.dimension == dimension, g.user_key != "")
+        .group_by(g.user_key, g.value)
+        .order_by(g.user_key, g.value)
+    )
+    latest: dict[str, tuple[int, str]] = {}
+    with reading(engine) as conn:
+        rows = list(conn.execute(totals_query))
+        for user_id, value, last_ts in conn.execute(values_query):
+            if user_id not in latest or last_ts > latest[user_id][0]:
+                latest[user_id] = (last_ts, value)
+    plans: dict[str, str | None] = {}
+    for row in rows:
+        last_ts, value = latest.get(row.user_id, (None, None))
+        plans[row.user_id] = value if last_ts == row.last_ts else None
+    return plans, rows
 
 
 # -- activity --------------------------------------------------------------------------------
@@ -281,15 +341,17 @@ _MAD_TO_SIGMA = Decimal("1.4826")
 _SPREAD_FLOOR = {"requests": Decimal(1), "cost": Decimal(1_000_000)}
 
 
-def _robust_score(
-    value: Decimal, baseline: list[Decimal], floor: Decimal
-) -> tuple[Decimal, Decimal]:
-    """(median, robust z-score of ``value``) against ``baseline``."""
+def _spread(baseline: list[Decimal], floor: Decimal) -> tuple[Decimal, Decimal]:
+    """(median, robust spread: 1.4826 x MAD, at least ``floor``) of ``baseline``."""
     median = Decimal(statistics.median(baseline)) if baseline else Decimal(0)
     deviations = [abs(b - median) for b in baseline]
     mad = Decimal(statistics.median(deviations)) if deviations else Decimal(0)
-    spread = max(_MAD_TO_SIGMA * mad, floor)
-    return median, ((value - median) / spread).quantize(Decimal("0.1"))
+    return median, max(_MAD_TO_SIGMA * mad, floor)
+
+
+def _score(value: Decimal, median: Decimal, spread: Decimal) -> Decimal:
+    """The robust z-score of ``value``."""
+    return ((value - median) / spread).quantize(Decimal("0.1"))
 
 
 def anomalies(
@@ -309,37 +371,35 @@ def anomalies(
     size = _US_PER_HOUR if window == "hour" else _US_PER_DAY
     end = int(now.astimezone(UTC).timestamp() * 1_000_000)
     start = end - (baseline_windows + 1) * size
-    bucket = ((_c.ts - start) // size).label("bucket")
-    query = (
-        select(
-            _c.user_id,
-            bucket,
-            func.count().label("requests"),
-            COST.label("cost"),
-        )
-        .where(_c.user_id.is_not(None), _c.ts >= start, _c.ts < end)
-        .group_by(_c.user_id, bucket)
-    )
+    calls = parts_source(split_windows(start, size, baseline_windows + 1), SOME_USER)
+    bucket = ((calls.c.at - start) // size).label("bucket")
+    query = select(
+        calls.c.user_id,
+        bucket,
+        func.sum(calls.c.requests).label("requests"),
+        func.sum(calls.c.cost_nano_usd).label("cost"),
+    ).group_by(calls.c.user_id, bucket)
     # user -> metric -> one value per window, the last window being the recent one
     series: dict[str, dict[str, list[Decimal]]] = defaultdict(
         lambda: {m: [Decimal(0)] * (baseline_windows + 1) for m in _SPREAD_FLOOR}
     )
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         for user_id, index, requests, cost in conn.execute(query):
             series[user_id]["requests"][int(index)] = Decimal(requests)
             series[user_id]["cost"][int(index)] = Decimal(cost)
     found: list[Anomaly] = []
     for metric, floor in _SPREAD_FLOOR.items():
-        population = [values[metric][-1] for values in series.values()]
+        # The same for every user: computed once.
+        population = _spread([values[metric][-1] for values in series.values()], floor)
         for user_id, values in series.items():
             if values["requests"][-1] < min_requests:
                 continue
             recent = values[metric][-1]
-            for compared_to, baseline in (
-                ("self", values[metric][:-1]),
+            for compared_to, (median, spread) in (
+                ("self", _spread(values[metric][:-1], floor)),
                 ("population", population),
             ):
-                median, score = _robust_score(recent, baseline, floor)
+                score = _score(recent, median, spread)
                 if score >= threshold:
                     found.append(
                         _anomaly(
@@ -438,26 +498,88 @@ def expensive_pairs(
     limit: int,
 ) -> list[PairTotals]:
     """The costliest (model, ``dimension`` value) pairs, most expensive first."""
-    model = dimension_column("model").label("model")
-    value = dimension_column(dimension).label("value")
-    query = select(
-        model,
-        value,
-        func.count().label("requests"),
-        COST.label("cost"),
-        UNPRICED.label("unpriced"),
-    ).where(*period_conditions(since_us, until_us))
-    if user_id is not None:
-        query = query.where(_c.user_id == user_id)
-    query = query.group_by(model, value).order_by(COST.desc(), model, value).limit(limit)
-    with engine.connect() as conn:
-        return [
-            PairTotals(
-                row.model,
-                row.value,
-                int(row.requests),
-                nano_to_usd(int(row.cost)),
-                int(row.unpriced),
-            )
-            for row in conn.execute(query)
-        ]
+    parts = split_period(since_us, until_us)
+    if (
+        user_id is None
+        and parts.only_months
+        and parts.months is not None
+        and dimension not in BUILT_IN_DIMENSIONS
+    ):
+        return _monthly_pairs(engine, dimension, parts.months, limit)
+    calls = source(since_us, until_us, ANYONE if user_id is None else user_id)
+    model = calls.c.model.label("model")
+    value = dimension_of(calls, dimension).label("value")
+    cost = func.sum(calls.c.cost_nano_usd)
+    query = (
+        select(
+            model,
+            value,
+            func.sum(calls.c.requests).label("requests"),
+            cost.label("cost"),
+            func.sum(calls.c.unpriced).label("unpriced"),
+        )
+        .group_by(model, value)
+        .order_by(cost.desc(), model.is_(None), model, value.is_(None), value)
+        .limit(limit)
+    )
+    with reading(engine) as conn:
+        return [_pair(row.model, row.value, row) for row in conn.execute(query)]
+
+
+def _pair(model: str | None, value: str | None, row: Any) -> PairTotals:
+    return PairTotals(
+        model, value, int(row.requests), nano_to_usd(int(row.cost)), int(row.unpriced)
+    )
+
+
+def _monthly_pairs(engine: Engine, dimension: str, months: Range, limit: int) -> list[PairTotals]:
+    """``expensive_pairs`` over whole UTC months: the pairs rollup, plus per model the calls
+    without the property (the model's total minus its pairs)."""
+    p = monthly_pairs_table.c
+    measures = (
+        func.sum(p.requests).label("requests"),
+        func.sum(p.cost_nano_usd).label("cost"),
+        func.sum(p.unpriced).label("unpriced"),
+    )
+    pairs = (
+        select(p.model, p.value, *measures)
+        .where(p.dimension == dimension, *month_bounds(p.month, months))
+        .group_by(p.model, p.value)
+    )
+    # Dimension '' holds every call of each model.
+    models = (
+        select(p.model, *measures)
+        .where(p.dimension == "", *month_bounds(p.month, months))
+        .group_by(p.model)
+    )
+    with reading(engine) as conn:
+        rows = list(conn.execute(pairs))
+        rest = {
+            row.model: [int(row.requests), int(row.cost), int(row.unpriced)]
+            for row in conn.execute(models)
+        }
+    for row in rows:
+        left = rest[row.model]
+        left[0] -= int(row.requests)
+        left[1] -= int(row.cost)
+        left[2] -= int(row.unpriced)
+    # '' is how rollups store "no model".
+    found = [_pair(row.model or None, row.value, row) for row in rows]
+    found.extend(
+        PairTotals(model or None, None, requests, nano_to_usd(cost), unpriced)
+        for model, (requests, cost, unpriced) in rest.items()
+        if requests > 0
+    )
+    found.sort(key=_pair_order)
+    return found[:limit]
+
+
+def _pair_order(pair: PairTotals) -> tuple[Any, ...]:
+    """The SQL order of pairs: cost, then model and value, None after any name."""
+    return (
+        -pair.cost_usd,
+        pair.model is None,
+        pair.model or "",
+        pair.value is None,
+        pair.value or "",
+    )

@@ -7,11 +7,12 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, Engine, case, func, select
+from sqlalchemy import ColumnElement, Engine, Select, case, func, select
 
 from .._money import nano_to_usd
 from .._time import from_epoch_us
-from .models import usage_table
+from .models import MEASURES, monthly_users_table, usage_table
+from .source import SOME_USER, parts_source, reading, seen_of, source, split_period, totals_of
 
 OrderBy = Literal["cost", "requests", "tokens", "last_seen"]
 ORDER_BY_VALUES: tuple[str, ...] = ("cost", "requests", "tokens", "last_seen")
@@ -40,6 +41,7 @@ class UserTotals:
 
 
 _c = usage_table.c
+_m = monthly_users_table.c
 #: The cost of a group of calls (nano-USD; unpriced calls add nothing).
 COST = func.coalesce(func.sum(_c.cost_nano_usd), 0)
 #: How many calls of a group had no known price.
@@ -55,7 +57,6 @@ TOTALS: tuple[ColumnElement[Any], ...] = (
     COST.label("cost_nano_usd"),
     UNPRICED.label("unpriced"),
 )
-_AGGREGATES = (*TOTALS, func.min(_c.ts).label("first_ts"), func.max(_c.ts).label("last_ts"))
 
 
 def period_conditions(since_us: int | None, until_us: int | None) -> list[ColumnElement[bool]]:
@@ -68,7 +69,7 @@ def period_conditions(since_us: int | None, until_us: int | None) -> list[Column
     return conditions
 
 
-def _totals(user_id: str | None, row: Any) -> UserTotals:
+def user_totals_of(user_id: str | None, row: Any) -> UserTotals:
     return UserTotals(
         user_id=user_id,
         requests=int(row.requests),
@@ -89,12 +90,10 @@ def user_totals(
     engine: Engine, user_id: str | None, since_us: int | None, until_us: int | None
 ) -> UserTotals:
     """Totals of one user (``None``: calls made outside any user context)."""
-    query = select(*_AGGREGATES).where(
-        user_condition(user_id), *period_conditions(since_us, until_us)
-    )
-    with engine.connect() as conn:
-        row = conn.execute(query).one()
-    return _totals(user_id, row)
+    calls = source(since_us, until_us, user_id, detail=False)
+    with reading(engine) as conn:
+        row = conn.execute(select(*totals_of(calls), *seen_of(calls))).one()
+    return user_totals_of(user_id, row)
 
 
 def users(
@@ -105,31 +104,56 @@ def users(
     limit: int,
     offset: int = 0,
 ) -> list[UserTotals]:
-    """Per-user totals, largest first; calls without a user are left out."""
-    sort_keys: dict[str, ColumnElement[Any]] = {
-        "cost": COST,
-        "requests": func.count(),
-        "tokens": func.coalesce(func.sum(_c.input_tokens + _c.output_tokens), 0),
-        "last_seen": func.max(_c.ts),
-    }
-    query = (
-        select(_c.user_id, *_AGGREGATES)
-        .where(_c.user_id.is_not(None), *period_conditions(since_us, until_us))
-        .group_by(_c.user_id)
-        .order_by(sort_keys[order_by].desc(), _c.user_id)
-        .limit(limit)
-        .offset(offset)
-    )
-    with engine.connect() as conn:
-        return [_totals(row.user_id, row) for row in conn.execute(query)]
+    """Per-user totals, largest first (ties by user id); calls without a user are left out."""
+    parts = split_period(since_us, until_us)
+    month = parts.single_month
+    query: Select[Any]
+    if month is not None:
+        # One UTC month: one rollup row per user, and "by cost" walks the cost index.
+        sort_keys: dict[str, ColumnElement[Any]] = {
+            "cost": _m.cost_nano_usd,
+            "requests": _m.requests,
+            "tokens": _m.input_tokens + _m.output_tokens,
+            "last_seen": _m.last_ts,
+        }
+        query = (
+            select(
+                _m.user_key.label("user_id"),
+                *(_m[name].label(name) for name in MEASURES),
+            )
+            .where(_m.month == month, _m.user_key != "")
+            .order_by(sort_keys[order_by].desc(), _m.user_key)
+        )
+    else:
+        calls = parts_source(parts, SOME_USER)
+        totals = totals_of(calls)
+        grouped_keys: dict[str, ColumnElement[Any]] = {
+            "cost": func.sum(calls.c.cost_nano_usd),
+            "requests": func.sum(calls.c.requests),
+            "tokens": func.sum(calls.c.input_tokens + calls.c.output_tokens),
+            "last_seen": func.max(calls.c.last_ts),
+        }
+        query = (
+            select(calls.c.user_id, *totals, *seen_of(calls))
+            .group_by(calls.c.user_id)
+            .order_by(grouped_keys[order_by].desc(), calls.c.user_id)
+        )
+    with reading(engine) as conn:
+        rows = conn.execute(query.limit(limit).offset(offset))
+        return [user_totals_of(row.user_id, row) for row in rows]
 
 
 def count_users(engine: Engine, since_us: int | None, until_us: int | None) -> int:
     """How many distinct users made calls in the period."""
-    query = select(func.count(func.distinct(_c.user_id))).where(
-        _c.user_id.is_not(None), *period_conditions(since_us, until_us)
-    )
-    with engine.connect() as conn:
+    parts = split_period(since_us, until_us)
+    month = parts.single_month
+    query: Select[Any]
+    if month is not None:
+        query = select(func.count()).where(_m.month == month, _m.user_key != "")
+    else:
+        calls = parts_source(parts, SOME_USER)
+        query = select(func.count(func.distinct(calls.c.user_id)))
+    with reading(engine) as conn:
         return int(conn.execute(query).scalar() or 0)
 
 
@@ -168,20 +192,21 @@ def by_model(
     engine: Engine, user_id: str | None, since_us: int | None, until_us: int | None
 ) -> list[ModelTotals]:
     """A user's totals per model (the model that answered, else the one asked for)."""
-    model = func.coalesce(_c.response_model, _c.request_model)
+    calls = source(since_us, until_us, user_id)
+    cost = func.sum(calls.c.cost_nano_usd)
     query = (
         select(
-            model.label("model"),
-            func.count().label("requests"),
-            func.coalesce(func.sum(_c.input_tokens), 0).label("input_tokens"),
-            func.coalesce(func.sum(_c.output_tokens), 0).label("output_tokens"),
-            COST.label("cost"),
+            calls.c.model,
+            func.sum(calls.c.requests).label("requests"),
+            func.sum(calls.c.input_tokens).label("input_tokens"),
+            func.sum(calls.c.output_tokens).label("output_tokens"),
+            cost.label("cost"),
         )
-        .where(user_condition(user_id), *period_conditions(since_us, until_us))
-        .group_by(model)
-        .order_by(COST.desc(), model)
+        .group_by(calls.c.model)
+        # Calls without a model last among equals on every database.
+        .order_by(cost.desc(), calls.c.model.is_(None), calls.c.model)
     )
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         return [
             ModelTotals(
                 row.model,
@@ -198,20 +223,20 @@ def daily(
     engine: Engine, user_id: str | None, since_us: int | None, until_us: int | None
 ) -> list[DayTotals]:
     """A user's totals per UTC day, oldest first (days without calls are left out)."""
-    day = (_c.ts // _US_PER_DAY).label("day")
+    calls = source(since_us, until_us, user_id)
+    day = (calls.c.at // _US_PER_DAY).label("day")
     query = (
         select(
             day,
-            func.count().label("requests"),
-            func.coalesce(func.sum(_c.input_tokens), 0).label("input_tokens"),
-            func.coalesce(func.sum(_c.output_tokens), 0).label("output_tokens"),
-            COST.label("cost"),
+            func.sum(calls.c.requests).label("requests"),
+            func.sum(calls.c.input_tokens).label("input_tokens"),
+            func.sum(calls.c.output_tokens).label("output_tokens"),
+            func.sum(calls.c.cost_nano_usd).label("cost"),
         )
-        .where(user_condition(user_id), *period_conditions(since_us, until_us))
         .group_by(day)
         .order_by(day)
     )
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         return [
             DayTotals(
                 from_epoch_us(int(row.day) * _US_PER_DAY).date(),

@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import operator
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import JSON, Connection, Engine, insert
+from sqlalchemy import JSON, Connection, Engine
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from .._internal import logger
 from .._record import CallRecord
+from . import rollups
 from .models import usage_table
 
 # A row: the values of usage_table's columns, in table order.
@@ -38,6 +41,9 @@ class WriterStats:
     dropped: int = 0
     write_errors: int = 0
     last_write_error: str | None = None
+    #: Unix times of the last successful insert and of the last failure (None: never).
+    last_write_at: float | None = None
+    last_write_error_at: float | None = None
 
 
 _JSON_POSITIONS = frozenset(
@@ -59,9 +65,12 @@ def _insert_sqlite(conn: Connection, rows: list[Row]) -> None:
         statement = _SQLITE_INSERTS.get(len(chunk))
         if statement is None:
             one = "(" + ", ".join("?" * len(COLUMNS)) + ")"
+            # DO NOTHING: a record stored twice (a retry after a commit whose reply was lost,
+            # a journal replay) is stored once, and rolled up once.
             statement = (
                 f"INSERT INTO {usage_table.name} ({', '.join(COLUMNS)}) VALUES "
                 + ", ".join([one] * len(chunk))
+                + " ON CONFLICT (id) DO NOTHING"
             )
             _SQLITE_INSERTS[len(chunk)] = statement
         parameters: list[Any] = []
@@ -94,6 +103,12 @@ class BackgroundWriter:
     ``submit`` never blocks and never touches the database: past ``max_queue`` items it
     drops the record, counts it and logs a warning. A failed insert is retried with
     backoff, keeping the batch in memory.
+
+    Rollups: on PostgreSQL each batch is rolled up in its own transaction; on SQLite the
+    writer catches up once no record came for ``rollup_idle`` seconds, every
+    ``rollup_every`` seconds under steady traffic, and after ``rollup_backlog`` rows in a
+    burst (reports catch up before they read, so this only bounds their wait). A burst is
+    stored at full speed and rolled up after it.
     """
 
     def __init__(
@@ -104,6 +119,9 @@ class BackgroundWriter:
         max_queue: int = 100_000,
         batch_size: int = 2_000,
         interval: float = 0.05,
+        rollup_backlog: int = 250_000,
+        rollup_idle: float = 1.0,
+        rollup_every: float = 10.0,
         name: str = "llm-tally-writer",
     ) -> None:
         self._engine = engine
@@ -112,6 +130,15 @@ class BackgroundWriter:
         self._batch_size = batch_size
         self._interval = interval
         self._sqlite = engine.dialect.name == "sqlite"
+        self._rollup_backlog = rollup_backlog
+        self._rollup_idle = rollup_idle
+        self._rollup_every = rollup_every
+        self._last_insert = self._last_catch_up = time.monotonic()
+        self._retry_catch_up_at = 0.0
+        # SQLite: rows this writer stored that may not be rolled up yet (a read may have
+        # rolled them up since; then catching up finds nothing to do).
+        self._not_rolled_up = 0
+        self._last_catch_up = time.monotonic()
         self._queue: deque[Any] = deque()
         self._wake = threading.Event()
         self._stopping = False
@@ -153,6 +180,10 @@ class BackgroundWriter:
         return flushed
 
     @property
+    def max_queue(self) -> int:
+        return self._max_queue
+
+    @property
     def depth(self) -> int:
         return len(self._queue)
 
@@ -182,6 +213,17 @@ class BackgroundWriter:
                 for marker in markers:
                     marker.done.set()
                 markers = []
+                if self._not_rolled_up >= self._rollup_backlog:
+                    self._catch_up()
+            # Not while closing: shutdown stays quick, and the next report catches up.
+            if (
+                self._not_rolled_up
+                and not self._queue
+                and not pending
+                and not self._stopping
+                and self._quiet_or_due()
+            ):
+                self._catch_up()
             self.stats.queued = len(self._queue) + len(pending)
             if self._stopping and not self._queue and not pending:
                 return
@@ -192,11 +234,11 @@ class BackgroundWriter:
                 if self._sqlite:
                     _insert_sqlite(conn, rows)
                 else:
-                    rows_as_dicts = [dict(zip(COLUMNS, row, strict=True)) for row in rows]
-                    conn.execute(insert(usage_table), rows_as_dicts)
+                    self._insert_postgres(conn, rows)
         except Exception as exc:
             self.stats.write_errors += 1
             self.stats.last_write_error = f"{type(exc).__name__}: {exc}"[:500]
+            self.stats.last_write_error_at = time.time()
             if self.stats.write_errors == 1 or self.stats.write_errors % 100 == 0:
                 logger.warning(
                     "llm-tally: storing %d record(s) failed (%s); they stay queued and will be "
@@ -206,4 +248,47 @@ class BackgroundWriter:
                 )
             return False
         self.stats.written += len(rows)
+        self.stats.last_write_at = time.time()
+        if self._sqlite:
+            self._not_rolled_up += len(rows)
+            self._last_insert = time.monotonic()
         return True
+
+    @staticmethod
+    def _insert_postgres(conn: Connection, rows: list[Row]) -> None:
+        """Insert, skipping records already stored, and roll up the rows actually inserted."""
+        rows_as_dicts = [dict(zip(COLUMNS, row, strict=True)) for row in rows]
+        statement = (
+            pg_insert(usage_table)
+            .on_conflict_do_nothing(index_elements=["id"])
+            .returning(usage_table.c.id, usage_table.c.ts)
+        )
+        stored = conn.execute(statement, rows_as_dicts).all()
+        if stored:
+            times = [row.ts for row in stored]
+            rollups.roll_up_batch(conn, [row.id for row in stored], min(times), max(times))
+
+    def _quiet_or_due(self) -> bool:
+        now = time.monotonic()
+        if now < self._retry_catch_up_at:
+            return False
+        return (
+            now - self._last_insert >= self._rollup_idle
+            or now - self._last_catch_up >= self._rollup_every
+        )
+
+    def _catch_up(self) -> None:
+        """SQLite: roll up what is stored. A failure is counted; the rows stay stored and the
+        next catch-up (here or before a report) rolls them up."""
+        try:
+            rollups.catch_up(self._engine)
+        except Exception as exc:
+            self.stats.write_errors += 1
+            self.stats.last_write_error = f"rollup: {type(exc).__name__}: {exc}"[:500]
+            self.stats.last_write_error_at = time.time()
+            if self.stats.write_errors == 1 or self.stats.write_errors % 100 == 0:
+                logger.warning("llm-tally: rolling up stored records failed (%s)", exc)
+            self._retry_catch_up_at = time.monotonic() + 5.0
+            return
+        self._not_rolled_up = 0
+        self._last_catch_up = time.monotonic()

@@ -140,6 +140,11 @@ def _day_json(row: DayTotals) -> dict[str, Any]:
     }
 
 
+def health_page(tally: Tally, params: Mapping[str, str]) -> dict[str, Any]:
+    """``GET {mount}/api/health``: :meth:`Tally.health`."""
+    return tally.health()
+
+
 def users_page(tally: Tally, params: Mapping[str, str]) -> dict[str, Any]:
     """``GET {mount}/api/users``: per-user totals for a period, sorted and paged."""
     since, until = parse_period(params)

@@ -60,7 +60,8 @@ def usage_app(
             if not await is_allowed(request):
                 return JSONResponse({"error": api.FORBIDDEN_MESSAGE}, status_code=403)
             try:
-                return JSONResponse(handler(request))
+                # Queries block: off the event loop.
+                return JSONResponse(await run_in_threadpool(handler, request))
             except api.ApiError as exc:
                 return JSONResponse({"error": exc.message}, status_code=exc.status)
 
@@ -83,7 +84,8 @@ def usage_app(
         if user_id is None:
             return JSONResponse({"error": api.NO_USER_MESSAGE}, status_code=401)
         try:
-            return JSONResponse(api.user_detail(tally, user_id, request.query_params))
+            detail = await run_in_threadpool(api.user_detail, tally, user_id, request.query_params)
+            return JSONResponse(detail)
         except api.ApiError as exc:
             return JSONResponse({"error": exc.message}, status_code=exc.status)
 
@@ -91,6 +93,11 @@ def usage_app(
         Route(
             "/",
             page(lambda r: dashboard.users_page(tally, r.query_params)),
+            methods=["GET"],
+        ),
+        Route(
+            "/anomalies",
+            page(lambda r: dashboard.anomalies_page(tally, r.query_params)),
             methods=["GET"],
         ),
         Route(
@@ -104,6 +111,7 @@ def usage_app(
             protected(lambda r: api.users_page(tally, r.query_params)),
             methods=["GET"],
         ),
+        Route("/api/health", protected(lambda r: api.health_page(tally, r.query_params))),
         Route("/api/activity", protected(lambda r: api.activity_page(tally, r.query_params))),
         Route("/api/anomalies", protected(lambda r: api.anomalies_page(tally, r.query_params))),
         Route("/api/expensive", protected(lambda r: api.expensive_page(tally, r.query_params))),

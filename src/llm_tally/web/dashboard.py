@@ -19,7 +19,6 @@ pages work wherever the endpoint is mounted.
 from __future__ import annotations
 
 import html
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -28,8 +27,9 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
 from .._money import nano_to_usd
-from .._time import TimeBound, from_epoch_us
+from .._time import TimeBound, bound_to_epoch_us, from_epoch_us
 from .._validation import check_properties, check_user_id
+from ..storage import analytics
 from ..storage.queries import ORDER_BY_VALUES, DayTotals, UserTotals
 from . import api
 
@@ -269,7 +269,8 @@ def _page(title: str, body: str, home: str) -> str:
 <body>
 <a class="skip" href="#main">Skip to main content</a>
 <header class="top"><a class="brand" href="{base}">llm-tally</a>
-<nav aria-label="Dashboard"><a href="{base}">Users</a></nav></header>
+<nav aria-label="Dashboard"><a href="{base}">Users</a>
+<a href="{base}anomalies">Anomalies</a></nav></header>
 <main id="main" tabindex="-1">
 {body}
 </main>
@@ -422,46 +423,9 @@ def _all_users(tally: Tally, period: Period, order_by: str) -> Iterable[UserTota
 def _users_with_property(
     tally: Tally, period: Period, name: str, value: str, order_by: str
 ) -> list[UserTotals]:
-    """Per-user totals of the calls whose property ``name`` is ``value`` (a scan of the period)."""
-    acc: dict[str, dict[str, Any]] = {}
-    for record in tally.iter_records(period.since, period.until):
-        user_id = record["user_id"]
-        properties = record["properties"] or {}
-        if user_id is None or properties.get(name) != value:
-            continue
-        a = acc.setdefault(
-            user_id,
-            {"n": 0, "err": 0, "in": 0, "out": 0, "cached": 0, "reasoning": 0, "cost": 0, "u": 0},
-        )
-        a["n"] += 1
-        a["err"] += record["status"] != "ok"
-        a["in"] += record["input_tokens"]
-        a["out"] += record["output_tokens"]
-        a["cached"] += record["cached_input_tokens"]
-        a["reasoning"] += record["reasoning_tokens"]
-        if record["cost_nano_usd"] is None:
-            a["u"] += 1
-        else:
-            a["cost"] += record["cost_nano_usd"]
-        ts = record["ts"]
-        a["first"] = min(a.get("first", ts), ts)
-        a["last"] = max(a.get("last", ts), ts)
-    rows = [
-        UserTotals(
-            user_id=user_id,
-            requests=a["n"],
-            errors=a["err"],
-            input_tokens=a["in"],
-            output_tokens=a["out"],
-            cached_input_tokens=a["cached"],
-            reasoning_tokens=a["reasoning"],
-            cost_usd=nano_to_usd(a["cost"]),
-            unpriced_requests=a["u"],
-            first_seen=from_epoch_us(a["first"]),
-            last_seen=from_epoch_us(a["last"]),
-        )
-        for user_id, a in acc.items()
-    ]
+    """Per-user totals of the calls whose property ``name`` is ``value``, in ``order_by`` order."""
+    since, until = (bound_to_epoch_us(b, "period") for b in (period.since, period.until))
+    rows = analytics.users_with_property(tally.engine, name, value, since, until)
     # As the SQL of tally.users(): largest first, ties by user id.
     rows.sort(key=lambda u: u.user_id or "")
     rows.sort(key=_sort_key(order_by), reverse=True)
@@ -499,17 +463,16 @@ def _listing(
             limit,
             offset,
         )
-        # Grouped by provider: the period's totals in a handful of rows, whatever the users.
-        groups = tally.totals_by("provider", period.since, period.until)
+        totals = tally.totals(period.since, period.until)
         anonymous = tally.user_totals(None, period.since, period.until)
         summary = _Summary(
-            requests=sum(g.requests for g in groups),
-            users=tally.count_users(period.since, period.until),
-            errors=sum(g.errors for g in groups),
-            input_tokens=sum(g.input_tokens for g in groups),
-            output_tokens=sum(g.output_tokens for g in groups),
-            cost_usd=sum((g.cost_usd for g in groups), Decimal(0)),
-            unpriced_requests=sum(g.unpriced_requests for g in groups),
+            requests=totals.requests,
+            users=totals.users,
+            errors=totals.errors,
+            input_tokens=totals.input_tokens,
+            output_tokens=totals.output_tokens,
+            cost_usd=totals.cost_usd,
+            unpriced_requests=totals.unpriced_requests,
             anonymous=anonymous if anonymous.requests else None,
         )
         return rows, summary.users, summary
@@ -675,9 +638,25 @@ def users_page_html(tally: Tally, params: Mapping[str, str], now: datetime | Non
             parts.append("<p>No calls in this period.</p>")
         parts.append("</section>")
 
-    parts.append(_anomalies_section(tally, params, moment))
     parts.append(_pairs_section(tally, period))
+    # Anomalies score every active user against their own history: their own page, so that
+    # this one stays fast on large stores (see docs/performance.md).
+    anomalies = _href("anomalies", params, _PERIOD_STATE)
+    parts.append(
+        '<section aria-labelledby="h-anomalies"><h2 id="h-anomalies">Anomalies</h2>'
+        f'<p><a id="anomalies-link" href="{_e(anomalies)}">Users far above their usual use or '
+        "the other users' in the last hour or day</a></p></section>"
+    )
     return _page("Usage by user", "\n".join(parts), home)
+
+
+def anomalies_page_html(
+    tally: Tally, params: Mapping[str, str], now: datetime | None = None
+) -> str:
+    """``GET {mount}/anomalies``: the anomalies of the last hour and the last day."""
+    moment = now or datetime.now(UTC)
+    resolve_period(params, moment)  # a bad period in the links is a 400, as on other pages
+    return _page("Anomalies", _anomalies_section(tally, params, moment), "./")
 
 
 def _pager(
@@ -939,8 +918,8 @@ def recent_calls(
     tally: Tally, user_id: str, period: Period, count: int = RECENT_CALLS
 ) -> list[dict[str, Any]]:
     """The user's last ``count`` calls of the period, newest first."""
-    last = deque(tally.iter_records(period.since, period.until, user_id=user_id), maxlen=count)
-    return list(reversed(last))
+    since, until = (bound_to_epoch_us(b, "period") for b in (period.since, period.until))
+    return analytics.latest_records(tally.engine, user_id, since, until, count)
 
 
 def _properties_text(properties: Mapping[str, Any] | None) -> str:
@@ -1084,6 +1063,16 @@ def users_page(
     """``(status, html)`` for ``GET {mount}/``: the users page, or the page of a bad parameter."""
     try:
         return 200, users_page_html(tally, params, now)
+    except api.ApiError as exc:
+        return exc.status, error_page_html(exc.status, exc.message, "./")
+
+
+def anomalies_page(
+    tally: Tally, params: Mapping[str, str], now: datetime | None = None
+) -> tuple[int, str]:
+    """``(status, html)`` for ``GET {mount}/anomalies``."""
+    try:
+        return 200, anomalies_page_html(tally, params, now)
     except api.ApiError as exc:
         return exc.status, error_page_html(exc.status, exc.message, "./")
 

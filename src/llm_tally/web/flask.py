@@ -113,6 +113,10 @@ def init_flask(
     def index() -> Any:
         return page(lambda: dashboard.users_page(tally, params()))
 
+    @blueprint.get("/anomalies")
+    def anomalies_page() -> Any:
+        return page(lambda: dashboard.anomalies_page(tally, params()))
+
     @blueprint.get("/users/<path:user_id>")
     def user_page(user_id: str) -> Any:
         return page(lambda: dashboard.user_page(tally, user_id, params()))
@@ -124,6 +128,10 @@ def init_flask(
     @blueprint.get("/api/users/<path:user_id>")
     def user_detail(user_id: str) -> Any:
         return answer(lambda: api.user_detail(tally, user_id, params()))
+
+    @blueprint.get("/api/health")
+    def health() -> Any:
+        return answer(lambda: api.health_page(tally, params()))
 
     @blueprint.get("/api/activity")
     def activity() -> Any:
