@@ -28,7 +28,7 @@ from ._record import (
 from ._scope import OpenCall
 from ._time import TimeBound, bound_to_epoch_us, to_epoch_us
 from ._validation import check_properties, check_user_id
-from .storage import analytics, insights, queries, rollups
+from .storage import analytics, insights, queries, retention, rollups
 from .storage.analytics import GroupTotals
 from .storage.engine import create_store_engine, create_tables, resolve_database_url
 from .storage.queries import ORDER_BY_VALUES, DayTotals, ModelTotals, OrderBy, UserTotals
@@ -332,6 +332,12 @@ class Tally:
         """Everything in ``[since, until)`` as one group: distinct users (calls without a
         user are counted in requests and cost, not in ``users``), requests, tokens, cost."""
         return analytics.period_totals(self.engine, *_period(since, until))
+
+    def prune(self, before: datetime | date) -> int:
+        """Delete every call before ``before`` — the first day of a month, UTC — and the
+        rollups of those months, for retention. Later reports are unchanged. Returns how
+        many calls were deleted. Raises ValueError for another date."""
+        return retention.prune(self.engine, to_epoch_us(before, "before"))
 
     def has_property(self, key: str) -> bool:
         """Whether any stored call carries the property ``key``."""

@@ -50,12 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--once", action="store_true", help="play the scripted users, print, exit")
     demo.set_defaults(run=_demo)
 
-    store = argparse.ArgumentParser(add_help=False)
-    store.add_argument(
+    database = argparse.ArgumentParser(add_help=False)
+    database.add_argument(
         "--database-url",
         default=None,
         help="the store (default: $LLM_TALLY_DATABASE_URL, else sqlite:///llm_tally.db)",
     )
+    store = argparse.ArgumentParser(add_help=False, parents=[database])
     store.add_argument("--since", help="start, included: a date (2026-11-01) or ISO datetime")
     store.add_argument("--until", help="end, excluded: a date (2026-12-01) or ISO datetime")
 
@@ -120,7 +121,25 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--user", default=None, help="only this user's calls")
     export.add_argument("--output", "-o", default="-", help="file to write (default: stdout)")
     export.set_defaults(run=_export)
+
+    prune = commands.add_parser(
+        "prune",
+        parents=[database],
+        help="delete the calls (and their totals) of the months before a date",
+    )
+    prune.add_argument(
+        "--before", required=True, help="the first day of a month, UTC (2026-01-01): kept"
+    )
+    prune.set_defaults(run=_prune)
     return parser
+
+
+def _prune(args: argparse.Namespace) -> int:
+    before = parse_time_bound(args.before, "--before")
+    with _open_store(args.database_url) as tally:
+        deleted = tally.prune(before)
+    print(f"deleted {deleted} call(s) before {args.before}, and their totals")
+    return 0
 
 
 def _period(args: argparse.Namespace) -> tuple[TimeBound, TimeBound]:

@@ -6,11 +6,14 @@ import functools
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._context import current_scope
+from .._internal import logger
 from .._scope import Scope as UsageScope
+from .._tally import default_tally
 from .._validation import properties_from, user_id_from
 from ._identify import (
     call_app_code_async,
@@ -28,7 +31,11 @@ Properties = Callable[[Request], dict[str, Any] | Awaitable[dict[str, Any]]]
 
 
 class LLMUsageMiddleware:
-    """Opens a usage scope for each HTTP request; websocket and lifespan pass through untouched.
+    """Opens a usage scope for each HTTP request; websocket and lifespan pass through. At
+    lifespan shutdown, before the server hears "shutdown complete", it waits (at most
+    ``shutdown_flush_timeout`` seconds, logged when that is not enough) until every call
+    recorded so far is stored: a server that exits right after, or re-raises SIGTERM as
+    uvicorn does, loses nothing.
 
     The request's user is, in order: ``llm_tally.bind_user()`` called while serving it (for
     example in an auth dependency); ``identify(request)`` (sync or async); Starlette's
@@ -44,8 +51,10 @@ class LLMUsageMiddleware:
         identify: Identify | None = None,
         properties: Properties | None = None,
         user_header: str | None = None,
+        shutdown_flush_timeout: float = 10.0,
     ) -> None:
         check_middleware_arguments(tally, identify, properties)
+        self.shutdown_flush_timeout = shutdown_flush_timeout
         self.app = app
         self.tally = tally
         self.identify = identify
@@ -53,6 +62,9 @@ class LLMUsageMiddleware:
         self.user_header = check_header(user_header)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, self._flushing_at_shutdown(send))
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -82,6 +94,26 @@ class LLMUsageMiddleware:
         finally:
             current_scope.reset(token)
             usage.close()
+
+    def _flushing_at_shutdown(self, send: Send) -> Send:
+        async def send_after_flush(message: Message) -> None:
+            if message["type"] == "lifespan.shutdown.complete":
+                await run_in_threadpool(self._flush)
+            await send(message)
+
+        return send_after_flush
+
+    def _flush(self) -> None:
+        tally = self.tally or default_tally()
+        if tally is None or tally.closed:
+            return
+        if not tally.flush(timeout=self.shutdown_flush_timeout):
+            logger.warning(
+                "llm-tally: %d record(s) still queued after waiting %.1f s at shutdown; "
+                "is the store reachable?",
+                tally.stats()["queue_depth"],
+                self.shutdown_flush_timeout,
+            )
 
     async def _identify(self, usage: UsageScope, request: Request) -> None:
         if self.identify is not None:

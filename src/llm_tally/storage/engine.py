@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, insert, inspect, select, update
@@ -58,15 +59,16 @@ def create_store_engine(url: str) -> Engine:
 
 def create_tables(engine: Engine) -> None:
     """Create the tables if missing; safe when several processes open the same store at once."""
-    for attempt in range(3):
+    for attempt in range(5):
         try:
             with engine.begin() as conn:
                 _create(conn)
             return
         except (OperationalError, ProgrammingError, IntegrityError):
             # Another process created the same table or row between our check and create.
-            if attempt == 2:
+            if attempt == 4:
                 raise
+            time.sleep(0.05 * (attempt + 1))
 
 
 def _create(conn: Connection) -> None:
