@@ -21,7 +21,7 @@ from flask import Flask
 from sqlalchemy import text
 from starlette.applications import Starlette
 
-from llm_tally import Tally, cli
+from llm_tally import Tally
 from llm_tally._record import CallRecord, new_record_id
 from llm_tally.demo.serve import BackgroundServer
 from llm_tally.storage.engine import create_tables
@@ -146,7 +146,7 @@ import openai
 from fastapi import FastAPI
 
 import llm_tally
-from llm_tally import Tally, cli
+from llm_tally import Tally
 
 # A long flush interval: only the shutdown flush can store the last calls in time.
 tally = Tally(os.environ["TEST_DB_URL"], flush_interval=30)
@@ -300,6 +300,8 @@ def test_prune_refuses_a_date_inside_a_month(tally: Tally) -> None:
 
 
 def test_prune_command(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from llm_tally import cli
+
     with Tally(db_url, instrument=False) as tally:
         seed_months(tally)
     assert cli.main(["prune", "--database-url", db_url, "--before", "2026-11-01"]) == 0

@@ -145,11 +145,12 @@ def run_demo(
             app.state.llm_base_url = f"{server.url}/fake-openai/v1"
             made = play_users(server.url)
             tally.flush()
-            _print_summary(tally, server.url, database_url, made)
-            if once:
-                return
-            print("Serving; press Ctrl-C to stop.")
+            # Ctrl-C may come as soon as the URLs are printed: a clean stop from there on.
             try:
+                _print_summary(tally, server.url, database_url, made)
+                if once:
+                    return
+                print("Serving; press Ctrl-C to stop.")
                 while True:
                     time.sleep(3600)
             except KeyboardInterrupt:
