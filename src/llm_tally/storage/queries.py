@@ -7,7 +7,7 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, Engine, Select, case, func, select
+from sqlalchemy import ColumnElement, Engine, Select, func, select
 
 from .._money import nano_to_usd
 from .._time import from_epoch_us
@@ -42,21 +42,6 @@ class UserTotals:
 
 _c = usage_table.c
 _m = monthly_users_table.c
-#: The cost of a group of calls (nano-USD; unpriced calls add nothing).
-COST = func.coalesce(func.sum(_c.cost_nano_usd), 0)
-#: How many calls of a group had no known price.
-UNPRICED = func.coalesce(func.sum(case((_c.cost_nano_usd.is_(None), 1), else_=0)), 0)
-#: What every report sums over a group of calls, labelled as the result fields.
-TOTALS: tuple[ColumnElement[Any], ...] = (
-    func.count().label("requests"),
-    func.coalesce(func.sum(case((_c.status != "ok", 1), else_=0)), 0).label("errors"),
-    func.coalesce(func.sum(_c.input_tokens), 0).label("input_tokens"),
-    func.coalesce(func.sum(_c.output_tokens), 0).label("output_tokens"),
-    func.coalesce(func.sum(_c.cached_input_tokens), 0).label("cached_input_tokens"),
-    func.coalesce(func.sum(_c.reasoning_tokens), 0).label("reasoning_tokens"),
-    COST.label("cost_nano_usd"),
-    UNPRICED.label("unpriced"),
-)
 
 
 def period_conditions(since_us: int | None, until_us: int | None) -> list[ColumnElement[bool]]:
