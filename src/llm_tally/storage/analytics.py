@@ -11,7 +11,6 @@ from typing import Any
 from sqlalchemy import ColumnElement, Engine, Select, Subquery, and_, func, select
 
 from .._money import average_usd, nano_to_usd
-from .._time import next_month
 from .models import (
     monthly_groups_table,
     monthly_pairs_table,
@@ -20,7 +19,18 @@ from .models import (
     usage_table,
 )
 from .queries import UserTotals, period_conditions, user_totals_of
-from .source import SOME_USER, SUMMED, Range, reading, seen_of, source, split_period, totals_of
+from .source import (
+    SOME_USER,
+    SUMMED,
+    Range,
+    one_month,
+    reading,
+    seen_of,
+    source,
+    split_period,
+    totals_of,
+    within,
+)
 
 _c = usage_table.c
 
@@ -103,14 +113,15 @@ def period_totals(engine: Engine, since_us: int | None, until_us: int | None) ->
         p = monthly_pairs_table.c
         m = monthly_users_table.c
         user = func.nullif(m.user_key, "")
-        count = func.count(user) if single_month(parts.months) else func.count(func.distinct(user))
+        count = (
+            func.count(user)
+            if one_month(parts.months) is not None
+            else func.count(func.distinct(user))
+        )
         query = select(
-            select(count)
-            .where(*month_bounds(m.month, parts.months))
-            .scalar_subquery()
-            .label("users"),
+            select(count).where(*within(m.month, parts.months)).scalar_subquery().label("users"),
             *(func.coalesce(func.sum(p[name]), 0).label(name) for name in SUMMED),
-        ).where(p.dimension == "", *month_bounds(p.month, parts.months))
+        ).where(p.dimension == "", *within(p.month, parts.months))
     else:
         calls = source(since_us, until_us, detail=False)
         query = select(func.count(func.distinct(calls.c.user_id)).label("users"), *totals_of(calls))
@@ -134,7 +145,7 @@ def users_with_property(
                 func.max(g.last_ts).label("last_ts"),
             )
             .where(
-                *month_bounds(g.month, parts.months),
+                *within(g.month, parts.months),
                 g.dimension == name,
                 g.value == value,
                 g.user_key != "",
@@ -197,22 +208,20 @@ def _monthly_totals_by(engine: Engine, dimension: str, months: Range) -> list[Gr
     sums = tuple(func.coalesce(func.sum(p[name]), 0).label(name) for name in SUMMED)
     values = (
         select(value.label("value"), *sums)
-        .where(of_dimension, *month_bounds(p.month, months))
+        .where(of_dimension, *within(p.month, months))
         .group_by(value)
         .order_by(*order)
     )
-    in_groups = [g.dimension == dimension, *month_bounds(g.month, months)]
+    in_groups = [g.dimension == dimension, *within(g.month, months)]
     users: Select[Any]
-    if single_month(months):
+    if one_month(months) is not None:
         v = monthly_values_table.c
-        users = select(v.value, v.users).where(
-            v.dimension == dimension, *month_bounds(v.month, months)
-        )
+        users = select(v.value, v.users).where(v.dimension == dimension, *within(v.month, months))
     else:
         # A user of two months counts once.
         count = func.count(func.distinct(func.nullif(g.user_key, "")))
         users = select(g.value, count.label("users")).where(*in_groups).group_by(g.value)
-    everything = select(*sums).where(p.dimension == "", *month_bounds(p.month, months))
+    everything = select(*sums).where(p.dimension == "", *within(p.month, months))
     with reading(engine) as conn:
         rows = list(conn.execute(values))
         user_counts: dict[str, int] = {row[0]: int(row[1]) for row in conn.execute(users)}
@@ -243,9 +252,7 @@ def _monthly_totals_by(engine: Engine, dimension: str, months: Range) -> list[Gr
                     per_user, and_(per_user.c.month == m.month, per_user.c.user_key == m.user_key)
                 )
             )
-            .where(
-                *month_bounds(m.month, months), m.requests > func.coalesce(per_user.c.grouped, 0)
-            )
+            .where(*within(m.month, months), m.requests > func.coalesce(per_user.c.grouped, 0))
         )
         missing_users = int(conn.execute(users_without).scalar() or 0)
     none = _group(None, SimpleNamespace(users=missing_users, **rest))
@@ -253,21 +260,6 @@ def _monthly_totals_by(engine: Engine, dimension: str, months: Range) -> list[Gr
     position = sum(1 for group in found if group.cost_usd >= none.cost_usd)
     found.insert(position, none)
     return found
-
-
-def single_month(months: Range) -> bool:
-    start, end = months
-    return start is not None and end is not None and next_month(start) == end
-
-
-def month_bounds(column: ColumnElement[Any], months: Range) -> list[ColumnElement[bool]]:
-    start, end = months
-    bounds: list[ColumnElement[bool]] = []
-    if start is not None:
-        bounds.append(column >= start)
-    if end is not None:
-        bounds.append(column < end)
-    return bounds
 
 
 def has_property(engine: Engine, key: str) -> bool:

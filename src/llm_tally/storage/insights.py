@@ -19,7 +19,7 @@ from sqlalchemy import Engine, func, select
 
 from .._money import average_usd, nano_to_usd, round_usd
 from .._time import from_epoch_us, to_epoch_us
-from .analytics import BUILT_IN_DIMENSIONS, dimension_column, dimension_of, month_bounds
+from .analytics import BUILT_IN_DIMENSIONS, dimension_column, dimension_of
 from .models import (
     monthly_groups_table,
     monthly_pairs_table,
@@ -36,6 +36,7 @@ from .source import (
     source,
     split_period,
     split_windows,
+    within,
 )
 
 _c = usage_table.c
@@ -192,12 +193,12 @@ def _monthly_plans_and_costs(
             func.sum(m.cost_nano_usd).label("cost"),
             func.max(m.last_ts).label("last_ts"),
         )
-        .where(*month_bounds(m.month, months), m.user_key != "")
+        .where(*within(m.month, months), m.user_key != "")
         .group_by(m.user_key)
     )
     values_query = (
         select(g.user_key, g.value, func.max(g.last_ts).label("last_ts"))
-        .where(*month_bounds(g.month, months), g.dimension == dimension, g.user_key != "")
+        .where(*within(g.month, months), g.dimension == dimension, g.user_key != "")
         .group_by(g.user_key, g.value)
         .order_by(g.user_key, g.value)
     )
@@ -543,13 +544,13 @@ def _monthly_pairs(engine: Engine, dimension: str, months: Range, limit: int) ->
     )
     pairs = (
         select(p.model, p.value, *measures)
-        .where(p.dimension == dimension, *month_bounds(p.month, months))
+        .where(p.dimension == dimension, *within(p.month, months))
         .group_by(p.model, p.value)
     )
     # Dimension '' holds every call of each model.
     models = (
         select(p.model, *measures)
-        .where(p.dimension == "", *month_bounds(p.month, months))
+        .where(p.dimension == "", *within(p.month, months))
         .group_by(p.model)
     )
     with reading(engine) as conn:

@@ -12,7 +12,16 @@ from sqlalchemy import ColumnElement, Engine, Select, func, select
 from .._money import nano_to_usd
 from .._time import from_epoch_us
 from .models import MEASURES, monthly_users_table, usage_table
-from .source import SOME_USER, parts_source, reading, seen_of, source, split_period, totals_of
+from .source import (
+    SOME_USER,
+    parts_source,
+    reading,
+    seen_of,
+    source,
+    split_period,
+    totals_of,
+    within,
+)
 
 OrderBy = Literal["cost", "requests", "tokens", "last_seen"]
 ORDER_BY_VALUES: tuple[str, ...] = ("cost", "requests", "tokens", "last_seen")
@@ -45,13 +54,8 @@ _m = monthly_users_table.c
 
 
 def period_conditions(since_us: int | None, until_us: int | None) -> list[ColumnElement[bool]]:
-    """The conditions of ``[since, until)`` (epoch microseconds; None is open-ended)."""
-    conditions: list[ColumnElement[bool]] = []
-    if since_us is not None:
-        conditions.append(_c.ts >= since_us)
-    if until_us is not None:
-        conditions.append(_c.ts < until_us)
-    return conditions
+    """The conditions of calls in ``[since, until)`` (epoch microseconds; None: open-ended)."""
+    return within(_c.ts, (since_us, until_us))
 
 
 def user_totals_of(user_id: str | None, row: Any) -> UserTotals:

@@ -9,7 +9,7 @@ Every time range is read from exactly one table, so nothing is counted twice.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,15 +21,11 @@ from sqlalchemy import (
     Engine,
     Select,
     Subquery,
-    and_,
     case,
-    false,
     func,
     literal,
     null,
-    or_,
     select,
-    true,
     union_all,
 )
 
@@ -74,12 +70,7 @@ class Parts:
     @property
     def single_month(self) -> int | None:
         """The month's start when the period is exactly one UTC month."""
-        if not self.only_months or self.months is None:
-            return None
-        start, end = self.months
-        if start is None or end is None or next_month(start) != end:
-            return None
-        return start
+        return one_month(self.months) if self.only_months and self.months else None
 
 
 def _empty(since: int | None, until: int | None) -> bool:
@@ -133,16 +124,23 @@ def split_windows(start: int, size: int, count: int) -> Parts:
     return Parts(hours=hours, raw=[r for r in raw if not _empty(*r)])
 
 
-def _in_ranges(column: ColumnElement[Any], ranges: Sequence[Range]) -> ColumnElement[bool]:
+def within(column: ColumnElement[Any], span: Range) -> list[ColumnElement[bool]]:
+    """The conditions of ``column`` in ``[start, end)`` (None: open-ended)."""
+    start, end = span
     conditions: list[ColumnElement[bool]] = []
-    for start, end in ranges:
-        bounds: list[ColumnElement[bool]] = []
-        if start is not None:
-            bounds.append(column >= start)
-        if end is not None:
-            bounds.append(column < end)
-        conditions.append(and_(*bounds) if bounds else true())
-    return or_(*conditions) if conditions else false()
+    if start is not None:
+        conditions.append(column >= start)
+    if end is not None:
+        conditions.append(column < end)
+    return conditions
+
+
+def one_month(span: Range) -> int | None:
+    """The start of ``span`` when it is exactly one UTC month."""
+    start, end = span
+    if start is None or end is None or next_month(start) != end:
+        return None
+    return start
 
 
 class _Anyone:
@@ -167,7 +165,7 @@ def _who(column: ColumnElement[Any], who: Who, rollup: bool) -> list[ColumnEleme
     return [column == who]
 
 
-def _raw_part(ranges: Sequence[Range], who: Who) -> Select[Any]:
+def _raw_part(span: Range, who: Who) -> Select[Any]:
     return select(
         _c.ts.label("at"),
         _c.user_id.label("user_id"),
@@ -185,10 +183,10 @@ def _raw_part(ranges: Sequence[Range], who: Who) -> Select[Any]:
         case((_c.cost_nano_usd.is_(None), 1), else_=0).label("unpriced"),
         _c.ts.label("first_ts"),
         _c.ts.label("last_ts"),
-    ).where(_in_ranges(_c.ts, ranges), *_who(_c.user_id, who, rollup=False))
+    ).where(*within(_c.ts, span), *_who(_c.user_id, who, rollup=False))
 
 
-def _hourly_part(ranges: Sequence[Range], who: Who) -> Select[Any]:
+def _hourly_part(span: Range, who: Who) -> Select[Any]:
     return select(
         _h.hour.label("at"),
         func.nullif(_h.user_key, "").label("user_id"),
@@ -197,10 +195,10 @@ def _hourly_part(ranges: Sequence[Range], who: Who) -> Select[Any]:
         _h.operation,
         _h.properties,
         *(_h[name] for name in MEASURES),
-    ).where(_in_ranges(_h.hour, ranges), *_who(_h.user_key, who, rollup=True))
+    ).where(*within(_h.hour, span), *_who(_h.user_key, who, rollup=True))
 
 
-def _monthly_part(months: Range, who: Who) -> Select[Any]:
+def _monthly_part(span: Range, who: Who) -> Select[Any]:
     return select(
         _m.month.label("at"),
         func.nullif(_m.user_key, "").label("user_id"),
@@ -209,7 +207,7 @@ def _monthly_part(months: Range, who: Who) -> Select[Any]:
         null().label("operation"),
         null().label("properties"),
         *(_m[name] for name in MEASURES),
-    ).where(_in_ranges(_m.month, [months]), *_who(_m.user_key, who, rollup=True))
+    ).where(*within(_m.month, span), *_who(_m.user_key, who, rollup=True))
 
 
 def source(
@@ -223,12 +221,12 @@ def source(
 
 def parts_source(parts: Parts, who: Who = ANYONE) -> Subquery:
     # One SELECT per time range: SQLite does not walk an index for a list of OR-ed ranges.
-    selects: list[Select[Any]] = [_raw_part([r], who) for r in parts.raw]
-    selects.extend(_hourly_part([r], who) for r in parts.hours)
+    selects: list[Select[Any]] = [_raw_part(span, who) for span in parts.raw]
+    selects.extend(_hourly_part(span, who) for span in parts.hours)
     if parts.months is not None:
         selects.append(_monthly_part(parts.months, who))
     if not selects:
-        selects.append(_raw_part([], who))
+        selects.append(_raw_part((0, 0), who))  # an empty period: no rows
     if len(selects) == 1:
         return selects[0].subquery("calls")
     return union_all(*selects).subquery("calls")
