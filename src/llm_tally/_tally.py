@@ -638,13 +638,13 @@ def _check_limit(limit: int) -> int:
 
 
 def _check_dimension(dimension: str) -> str:
-    if dimension in analytics.BUILT_IN_DIMENSIONS:
+    if dimension in rollups.BUILT_IN_DIMENSIONS:
         return dimension
     try:
         check_properties({dimension: ""}, "dimension")
     except ValueError:
         raise ValueError(
-            f"dimension must be one of {', '.join(analytics.BUILT_IN_DIMENSIONS)} or a property "
+            f"dimension must be one of {', '.join(rollups.BUILT_IN_DIMENSIONS)} or a property "
             f"name (1 to 64 printable characters), got {dimension!r}"
         ) from None
     return dimension

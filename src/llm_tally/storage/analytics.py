@@ -19,6 +19,7 @@ from .models import (
     usage_table,
 )
 from .queries import UserTotals, period_conditions, user_totals_of
+from .rollups import BUILT_IN_DIMENSIONS
 from .source import (
     SOME_USER,
     SUMMED,
@@ -33,9 +34,6 @@ from .source import (
 )
 
 _c = usage_table.c
-
-#: Dimensions that are columns of a record rather than properties.
-BUILT_IN_DIMENSIONS = ("user", "model", "provider", "operation")
 
 
 @dataclass(frozen=True, slots=True)

@@ -96,11 +96,7 @@ def _create(conn: Connection) -> None:
         if rollups.WATERMARK_KEY not in meta:
             conn.execute(insert(meta_table).values(key=rollups.WATERMARK_KEY, value="0"))
         elif rollups_missing:
-            conn.execute(
-                update(meta_table)
-                .where(meta_table.c.key == rollups.WATERMARK_KEY)
-                .values(value="0")
-            )
+            rollups.set_watermark(conn, 0)
         # The next catch-up rolls up every stored call.
     elif rollups_missing:
         rollups.roll_up_everything(conn)

@@ -19,7 +19,7 @@ from sqlalchemy import Engine, func, select
 
 from .._money import average_usd, nano_to_usd, round_usd
 from .._time import from_epoch_us, to_epoch_us
-from .analytics import BUILT_IN_DIMENSIONS, dimension_column, dimension_of
+from .analytics import dimension_column, dimension_of
 from .models import (
     monthly_groups_table,
     monthly_pairs_table,
@@ -27,6 +27,7 @@ from .models import (
     usage_table,
 )
 from .queries import period_conditions
+from .rollups import BUILT_IN_DIMENSIONS
 from .source import (
     ANYONE,
     SOME_USER,

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, Engine, delete, func, select, text, update
+from sqlalchemy import Engine, delete
 
 from .._time import floor_month, from_epoch_us
 from . import rollups
-from .models import ROLLUP_TABLES, hourly_table, meta_table, usage_table
+from .models import ROLLUP_TABLES, hourly_table, usage_table
 
 
 def check_month_start(before_us: int) -> None:
@@ -29,30 +29,14 @@ def prune(engine: Engine, before_us: int) -> int:
     """
     check_month_start(before_us)
     rollups.catch_up(engine)
+    lazy = rollups.lazy(engine)
     with engine.begin() as conn:
-        if rollups.lazy(engine):
-            # Take the write lock first, and roll up what arrived since.
-            conn.execute(
-                text(f"UPDATE {meta_table.name} SET value = value WHERE key = :key"),
-                {"key": rollups.WATERMARK_KEY},
-            )
+        # Under the write lock: what arrives meanwhile waits, and keeps rowids above ours.
+        watermark = rollups.lock_watermark(conn)[0] if lazy else 0
         deleted = conn.execute(delete(usage_table).where(usage_table.c.ts < before_us)).rowcount
         for table in ROLLUP_TABLES:
             time = table.c.hour if table is hourly_table else table.c.month
             conn.execute(delete(table).where(time < before_us))
-        if rollups.lazy(engine):
-            newest = conn.execute(select(func.max(text("rowid"))).select_from(usage_table))
-            watermark = min(int(newest.scalar() or 0), _watermark(conn))
-            conn.execute(
-                update(meta_table)
-                .where(meta_table.c.key == rollups.WATERMARK_KEY)
-                .values(value=str(watermark))
-            )
+        if lazy:
+            rollups.set_watermark(conn, min(rollups.newest_rowid(conn), watermark))
     return int(deleted)
-
-
-def _watermark(conn: Connection) -> int:
-    value = conn.execute(
-        select(meta_table.c.value).where(meta_table.c.key == rollups.WATERMARK_KEY)
-    ).scalar()
-    return int(value or 0)

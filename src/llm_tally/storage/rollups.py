@@ -19,7 +19,7 @@ import itertools
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, Select, func, literal_column, select, text, update
 
 from .._time import floor_month, next_month
 from .models import (
@@ -33,8 +33,9 @@ from .models import (
     usage_table,
 )
 
-#: Property names that would shadow a built-in dimension of ``totals_by`` are not rolled up.
-BUILT_IN_NAMES = ("user", "model", "provider", "operation")
+#: Dimensions that are columns of a call rather than properties. Properties with these
+#: names would be shadowed in ``totals_by``: they are not rolled up.
+BUILT_IN_DIMENSIONS = ("user", "model", "provider", "operation")
 WATERMARK_KEY = "rolled_up_to"
 CHUNK_ROWS = 100_000
 US_PER_HOUR = 3_600_000_000
@@ -57,7 +58,7 @@ _HOURLY_KEY = {
     "sqlite": "hour, user_key, provider, operation, model, properties",
     "postgresql": "hour, user_key, provider, operation, model, md5(CAST(properties AS TEXT))",
 }
-_OWN_NAMES = ", ".join(f"'{name}'" for name in BUILT_IN_NAMES)
+_OWN_NAMES = ", ".join(f"'{name}'" for name in BUILT_IN_DIMENSIONS)
 
 
 def _upsert(dialect: str, table: str, keys: Sequence[str], conflict: str, select: str) -> str:
@@ -237,30 +238,35 @@ def catch_up(engine: Engine, chunk: int = CHUNK_ROWS) -> int:
     done = 0
     while True:
         with engine.begin() as conn:
-            # A write first, so that the read below happens under the write lock.
-            conn.execute(
-                text(f"UPDATE {meta_table.name} SET value = value WHERE key = :key"),
-                {"key": WATERMARK_KEY},
-            )
-            low = int(
-                conn.execute(
-                    text(f"SELECT value FROM {meta_table.name} WHERE key = :key"),
-                    {"key": WATERMARK_KEY},
-                ).scalar()
-                or 0
-            )
-            newest = int(
-                conn.execute(text(f"SELECT max(rowid) FROM {usage_table.name}")).scalar() or 0
-            )
+            low, newest = lock_watermark(conn)
             if newest <= low:
                 return done
             high = min(newest, low + chunk)
             _roll_up(conn, "u.rowid > :low AND u.rowid <= :high", {"low": low, "high": high})
-            conn.execute(
-                text(f"UPDATE {meta_table.name} SET value = :value WHERE key = :key"),
-                {"key": WATERMARK_KEY, "value": str(high)},
-            )
+            set_watermark(conn, high)
             done += high - low
+
+
+def lock_watermark(conn: Connection) -> tuple[int, int]:
+    """SQLite: take the write lock (a write first, so the reads below happen under it), then
+    read the watermark and the newest rowid."""
+    key = meta_table.c.key == WATERMARK_KEY
+    conn.execute(update(meta_table).where(key).values(value=meta_table.c.value))
+    watermark = conn.execute(select(meta_table.c.value).where(key)).scalar()
+    return int(watermark or 0), newest_rowid(conn)
+
+
+def newest_rowid(conn: Connection) -> int:
+    """SQLite: the rowid of the newest stored call (0 when there is none)."""
+    newest: Select[tuple[Any]] = select(func.max(literal_column("rowid"))).select_from(usage_table)
+    return int(conn.execute(newest).scalar() or 0)
+
+
+def set_watermark(conn: Connection, value: int) -> None:
+    """SQLite: calls up to rowid ``value`` are rolled up."""
+    conn.execute(
+        update(meta_table).where(meta_table.c.key == WATERMARK_KEY).values(value=str(value))
+    )
 
 
 def create_rollup_keys(conn: Connection) -> None:
