@@ -1061,27 +1061,26 @@ def users_page(
     tally: Tally, params: Mapping[str, str], now: datetime | None = None
 ) -> tuple[int, str]:
     """``(status, html)`` for ``GET {mount}/``: the users page, or the page of a bad parameter."""
-    try:
-        return 200, users_page_html(tally, params, now)
-    except api.ApiError as exc:
-        return exc.status, error_page_html(exc.status, exc.message, "./")
+    return _status_and_page(lambda: users_page_html(tally, params, now), "./")
 
 
 def anomalies_page(
     tally: Tally, params: Mapping[str, str], now: datetime | None = None
 ) -> tuple[int, str]:
     """``(status, html)`` for ``GET {mount}/anomalies``."""
-    try:
-        return 200, anomalies_page_html(tally, params, now)
-    except api.ApiError as exc:
-        return exc.status, error_page_html(exc.status, exc.message, "./")
+    return _status_and_page(lambda: anomalies_page_html(tally, params, now), "./")
 
 
 def user_page(
     tally: Tally, user_id: str, params: Mapping[str, str], now: datetime | None = None
 ) -> tuple[int, str]:
     """``(status, html)`` for ``GET {mount}/users/{user_id}``."""
+    return _status_and_page(lambda: user_page_html(tally, user_id, params, now), "../")
+
+
+def _status_and_page(render: Callable[[], str], home: str) -> tuple[int, str]:
+    """200 and the page, or the status and error page of a bad parameter."""
     try:
-        return 200, user_page_html(tally, user_id, params, now)
+        return 200, render()
     except api.ApiError as exc:
-        return exc.status, error_page_html(exc.status, exc.message, "../")
+        return exc.status, error_page_html(exc.status, exc.message, home)
