@@ -10,7 +10,7 @@ a fixed, pre-serialised chat completion (or SSE stream of 21 chunks, the last on
 usage), so what is timed is the SDK's own work plus llm-tally's hooks, with no network or
 server noise. The stores are SQLite files in a temporary directory.
 
-Three modes, run in alternating blocks of ``--block`` calls (the order rotates every round)
+Four modes, run in alternating blocks of ``--block`` calls (the order rotates every round)
 so that drift (CPU frequency, cache warmth, other load) hits all of them equally:
 
 - ``bare``: the SDK uninstrumented (``llm_tally.uninstrument_openai()``): nothing recorded;
@@ -18,7 +18,9 @@ so that drift (CPU frequency, cache warmth, other load) hits all of them equally
   ``with llm_tally.user("u1", plan="pro")``, recorded by a Tally with default settings
   whose background writer prices and inserts while the calls run (it shares the GIL);
 - ``instr. writer idle``: the same hooks, recorded by a second Tally whose writer only runs
-  when flushed, so the numbers show the hooks' own cost without the writer competing.
+  when flushed, so the numbers show the hooks' own cost without the writer competing;
+- ``instr. no journal``: like ``instrumented`` with the crash journal off
+  (``Tally(journal=False)``): the difference to ``instrumented`` is the journal's cost.
 
 After every block the Tallies are flushed outside the timed calls; "cpu/call" is the process
 CPU time (all threads) of the block plus that flush: the full cost of a recorded call,
@@ -236,7 +238,9 @@ async def async_stream_call(client: openai.AsyncOpenAI) -> int:
 BARE = "bare"
 INSTRUMENTED = "instrumented"
 IDLE_WRITER = "instr. writer idle"
-MODES = (BARE, INSTRUMENTED, IDLE_WRITER)
+NO_JOURNAL = "instr. no journal"
+MODES = (BARE, INSTRUMENTED, IDLE_WRITER, NO_JOURNAL)
+RECORDING = (INSTRUMENTED, IDLE_WRITER, NO_JOURNAL)
 
 
 class Modes:
@@ -251,6 +255,7 @@ class Modes:
             batch_size=1_000_000,
             max_queue=1_000_000,
         )
+        self.no_journal = Tally(f"sqlite:///{tmp / 'bench-no-journal.db'}", journal=False)
 
     def enter(self, mode: str) -> llm_tally.user:
         """Install or remove the hooks for ``mode``; the user scope the block runs in."""
@@ -258,16 +263,18 @@ class Modes:
             llm_tally.uninstrument_openai()
         else:
             llm_tally.instrument_openai()
-        tally = self.idle if mode == IDLE_WRITER else self.tally
+        tally = {IDLE_WRITER: self.idle, NO_JOURNAL: self.no_journal}.get(mode, self.tally)
         return llm_tally.user("u1", plan="pro", tally=tally)
 
     def flush(self) -> None:
         self.tally.flush(timeout=None)
         self.idle.flush(timeout=None)
+        self.no_journal.flush(timeout=None)
 
     def close(self) -> None:
         self.tally.close()
         self.idle.close()
+        self.no_journal.close()
 
 
 class Result:
@@ -446,7 +453,7 @@ def report(results: list[Result], target_us: float) -> None:
     verdicts: list[str] = []
     for result in results:
         bare = summary(result.times[BARE])
-        for mode in (INSTRUMENTED, IDLE_WRITER):
+        for mode in RECORDING:
             inst = summary(result.times[mode])
             median_diff = inst["median"] - bare["median"]
             paired = statistics.median(
@@ -564,7 +571,7 @@ def main() -> None:
                     )
                 else:
                     run_sync(modes, result, calls_of[name], calls, args.block, args.warmup)
-                for mode in (INSTRUMENTED, IDLE_WRITER):
+                for mode in RECORDING:
                     recorded[mode] += args.warmup + len(result.times[mode])
                 seen = ", ".join(
                     f"{mode} {result.seen_chunks[mode] / len(result.times[mode]):g}"
@@ -580,6 +587,7 @@ def main() -> None:
             print("store check (bare calls record nothing):")
             check_store(modes.tally, recorded[INSTRUMENTED])
             check_store(modes.idle, recorded[IDLE_WRITER])
+            check_store(modes.no_journal, recorded[NO_JOURNAL])
             if args.profile:
                 print()
                 profile_calls(modes, "sync", calls_of["sync"], 2000)

@@ -42,6 +42,15 @@ def _raise_internal_errors() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
+def _own_journal_directory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    # Stores without a file of their own (PostgreSQL) journal under one directory per URL:
+    # give each test its own, so a test that kills a process leaves nothing for the next.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LLM_TALLY_JOURNAL_DIR", str(tmp_path_factory.mktemp("journals")))
+        yield
+
+
+@pytest.fixture(autouse=True)
 def _no_leftover_tallies() -> Iterator[None]:
     internal_error_counts.clear()
     yield

@@ -25,6 +25,7 @@ from llm_tally import Tally
 from llm_tally._record import CallRecord, new_record_id
 from llm_tally.demo.serve import BackgroundServer
 from llm_tally.storage.engine import create_tables
+from llm_tally.storage.journal import default_directory, read_frames
 
 from .conftest import serve_wsgi
 
@@ -230,11 +231,17 @@ def test_uvicorn_stopped_by_sigterm_under_load_stores_every_answered_call(
         if server.stderr is not None:
             stderr = server.stderr.read().decode()
             server.stderr.close()
-    with Tally(db_url, instrument=False) as reader:
+    # journal=False: only what the server stored counts, not what a replay would recover.
+    with Tally(db_url, instrument=False, journal=False) as reader:
         stored = {record["properties"]["n"] for record in reader.iter_records()}
     missing = answered - stored
     assert not missing, f"{len(missing)} answered calls not stored; server said:\n{stderr}"
     assert len(answered) >= 200
+    # Everything was stored, so the flush emptied the crash journal: nothing left to replay.
+    journal = default_directory(db_url)
+    assert journal is not None and journal.is_dir()  # the server's (same environment)
+    left = {path.name: list(read_frames(path.read_bytes())) for path in journal.glob("*.journal")}
+    assert left and not any(left.values()), {name: len(v) for name, v in left.items()}
 
 
 # -- retention ---------------------------------------------------------------------------------

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+import operator
 import os
 import time
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, fields
+from typing import Any, Protocol
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -14,16 +16,36 @@ STATUS_ABORTED = "aborted"
 USAGE_PROVIDER = "provider"  # counted by the provider and reported in its response
 USAGE_ESTIMATED = "estimated"  # counted here with tiktoken (no usage in the response)
 USAGE_MANUAL = "manual"  # given to Tally.record()
+# Replayed from the crash journal, which holds no prompt or output to count tokens from: the
+# process died before it read the usage of a response it had kept raw (or had to estimate).
+USAGE_UNKNOWN = "unknown"
+
+_id_prefix = os.urandom(4).hex()
+_id_sequence = itertools.count()
+
+
+def _new_id_prefix() -> None:
+    global _id_prefix
+    _id_prefix = os.urandom(4).hex()
+
+
+# A forked child must not share its parent's ids.
+os.register_at_fork(after_in_child=_new_id_prefix)
 
 
 def new_record_id(ts_us: int | None = None) -> str:
-    """A 32-hex-digit id: time-ordered (good for B-tree inserts) and unique across processes."""
+    """A 32-hex-digit id: time-ordered (good for B-tree inserts) and unique across processes
+    (a random 32-bit prefix per process, then a per-process sequence)."""
     ts_ns = time.time_ns() if ts_us is None else ts_us * 1000
-    return f"{ts_ns:016x}{os.urandom(8).hex()}"
+    return f"{ts_ns:016x}{_id_prefix}{next(_id_sequence) & 0xFFFFFFFF:08x}"
 
 
 class PendingRecord(Protocol):
     """A finished call the writer thread still has to turn into a record."""
+
+    user_id: str | None
+
+    def journal_entry(self) -> tuple[Any, ...]: ...
 
     def to_record(self) -> CallRecord: ...
 
@@ -56,3 +78,19 @@ class CallRecord:
     usage_source: str = USAGE_PROVIDER
     request_id: str | None = None
     base_url: str | None = None  # of an OpenAI-compatible server, to look its prices up
+
+    def journal_entry(self) -> tuple[Any, ...]:
+        """This record as a journal entry (see :func:`record_from_entry`)."""
+        return (ENTRY_VERSION, *_record_values(self))
+
+
+# Journal entries: a version, then CallRecord's fields in order (plain values, marshallable).
+ENTRY_VERSION = 1
+_record_values = operator.attrgetter(*(f.name for f in fields(CallRecord)))
+
+
+def record_from_entry(entry: Any) -> CallRecord:
+    """The record a journal entry holds; ValueError for an entry this version cannot read."""
+    if not isinstance(entry, tuple) or not entry or entry[0] != ENTRY_VERSION:
+        raise ValueError("not a journal entry of this llm-tally version")
+    return CallRecord(*entry[1:])

@@ -3,24 +3,28 @@
 from __future__ import annotations
 
 import atexit
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
 from sqlalchemy import Engine
 
 from . import _pricing
-from ._internal import guard, logger
+from ._internal import guard, internal_error_counts, logger
 from ._money import usd_to_nano
+from ._pseudonym import Pseudonyms
 from ._record import (
     STATUS_ABORTED,
     STATUS_ERROR,
     STATUS_OK,
     USAGE_MANUAL,
+    USAGE_UNKNOWN,
     CallRecord,
     PendingRecord,
     new_record_id,
@@ -31,6 +35,7 @@ from ._validation import check_properties, check_user_id
 from .storage import analytics, insights, queries, retention, rollups
 from .storage.analytics import GroupTotals
 from .storage.engine import create_store_engine, create_tables, resolve_database_url
+from .storage.journal import Journal, default_directory
 from .storage.queries import ORDER_BY_VALUES, DayTotals, ModelTotals, OrderBy, UserTotals
 from .storage.writer import BackgroundWriter, Row, row_of
 
@@ -59,6 +64,18 @@ class Tally:
 
     ``inject_stream_usage`` asks chat streams for a final usage chunk (and hides that chunk
     from callers who did not ask for it): ``"auto"`` does so for OpenAI's own API only.
+
+    ``journal``: every call is written to a local crash journal before it is queued, so a
+    process killed before storing it loses nothing (the next Tally on the store replays
+    it), and records wait there when the store is down longer than ``max_queue`` records.
+    ``True`` puts it beside a SQLite file, else under ``$LLM_TALLY_JOURNAL_DIR`` or
+    ``~/.local/state/llm-tally/journal``; a path chooses the directory; ``False`` turns it
+    off. See docs/operations.md.
+
+    ``pseudonymize_key`` (or ``$LLM_TALLY_PSEUDONYMIZE_KEY``): store ``h:`` + a keyed hash
+    (HMAC-SHA256) of each user id instead of the id. Every method that takes a user id
+    still takes the real one; results and the dashboard show pseudonyms, and
+    :meth:`pseudonym` tells which one is whose. See docs/security.md.
     """
 
     def __init__(
@@ -71,6 +88,8 @@ class Tally:
         max_queue: int = 100_000,
         batch_size: int = 2_000,
         flush_interval: float = 0.05,
+        journal: bool | str | os.PathLike[str] = True,
+        pseudonymize_key: str | bytes | None = None,
     ) -> None:
         if inject_stream_usage not in (True, False, "auto"):
             raise ValueError("inject_stream_usage must be True, False or 'auto'")
@@ -79,6 +98,9 @@ class Tally:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not isinstance(flush_interval, int | float) or flush_interval <= 0:
             raise ValueError(f"flush_interval must be a positive number, got {flush_interval!r}")
+        if not isinstance(journal, bool | str | os.PathLike) or journal == "":
+            raise ValueError(f"journal must be True, False or a directory path, got {journal!r}")
+        self._pseudonyms = Pseudonyms.configured(pseudonymize_key)
         self.database_url = resolve_database_url(database_url)
         self.inject_stream_usage: InjectStreamUsage = inject_stream_usage
         self.engine: Engine = create_store_engine(self.database_url)
@@ -90,6 +112,7 @@ class Tally:
         self._writer = BackgroundWriter(
             self.engine,
             self._to_row,
+            journal=_open_journal(journal, self.database_url),
             max_queue=max_queue,
             batch_size=batch_size,
             interval=flush_interval,
@@ -112,6 +135,8 @@ class Tally:
         A ``PendingRecord`` is turned into a record by the writer thread, which keeps the
         parsing of usage and token estimates off the caller's path.
         """
+        if self._pseudonyms is not None:
+            record.user_id = self._pseudonyms.of(record.user_id)
         self._writer.submit(record)
 
     def track_open_call(self, call: OpenCall) -> None:
@@ -215,7 +240,7 @@ class Tally:
             status=status,
             usage_source=USAGE_MANUAL,
         )
-        self._writer.submit(record)
+        self.submit(record)
         return record.id
 
     def set_price(
@@ -248,7 +273,9 @@ class Tally:
             if built is None:
                 return None
             record = built
-        if record.cost_nano_usd is None:
+        if record.usage_source == USAGE_UNKNOWN:
+            record.cost_source = _pricing.COST_UNKNOWN  # no tokens to price
+        elif record.cost_nano_usd is None:
             priced = guard(
                 "pricing",
                 self._pricer.cost_nano_usd,
@@ -270,6 +297,15 @@ class Tally:
 
     # -- reading -----------------------------------------------------------------------------
 
+    def pseudonym(self, user_id: str | int | None) -> str | None:
+        """The id stored for ``user_id``: its pseudonym when ``pseudonymize_key`` is set,
+        else the id itself (as a str)."""
+        return self._who(user_id)
+
+    def _who(self, user_id: str | int | None) -> str | None:
+        checked = check_user_id(user_id)
+        return checked if self._pseudonyms is None else self._pseudonyms.of(checked)
+
     def user_totals(
         self, user_id: str | int | None, since: TimeBound = None, until: TimeBound = None
     ) -> UserTotals:
@@ -278,7 +314,7 @@ class Tally:
         ``user_id=None`` gives the calls made outside any user context. Only stored records
         count: call :meth:`flush` first to include calls that just happened.
         """
-        return queries.user_totals(self.engine, check_user_id(user_id), *_period(since, until))
+        return queries.user_totals(self.engine, self._who(user_id), *_period(since, until))
 
     def users(
         self,
@@ -308,13 +344,13 @@ class Tally:
         self, user_id: str | int | None, since: TimeBound = None, until: TimeBound = None
     ) -> list[ModelTotals]:
         """One user's totals per model, most expensive first."""
-        return queries.by_model(self.engine, check_user_id(user_id), *_period(since, until))
+        return queries.by_model(self.engine, self._who(user_id), *_period(since, until))
 
     def user_daily(
         self, user_id: str | int | None, since: TimeBound = None, until: TimeBound = None
     ) -> list[DayTotals]:
         """One user's totals per UTC day, oldest first."""
-        return queries.daily(self.engine, check_user_id(user_id), *_period(since, until))
+        return queries.daily(self.engine, self._who(user_id), *_period(since, until))
 
     def totals_by(
         self, dimension: str, since: TimeBound = None, until: TimeBound = None
@@ -355,7 +391,7 @@ class Tally:
         as stored.
         """
         return analytics.iter_records(
-            self.engine, *_period(since, until), user_id=check_user_id(user_id)
+            self.engine, *_period(since, until), user_id=self._who(user_id)
         )
 
     def count_records(
@@ -363,7 +399,7 @@ class Tally:
     ) -> int:
         """How many calls were stored in ``[since, until)`` (of one user if given)."""
         return analytics.count_records(
-            self.engine, *_period(since, until), user_id=check_user_id(user_id)
+            self.engine, *_period(since, until), user_id=self._who(user_id)
         )
 
     def profitability(
@@ -399,6 +435,8 @@ class Tally:
         the answer to one user (or model)."""
         if by not in ("user", "model"):
             raise ValueError(f"by must be 'user' or 'model', got {by!r}")
+        if by == "user" and key is not None:
+            key = self._who(key)
         return insights.activity(self.engine, by, *_period(since, until), key=key)
 
     def anomalies(
@@ -445,7 +483,7 @@ class Tally:
     ) -> list[dict[str, Any]]:
         """The costliest stored calls of the period (of one user if given)."""
         return insights.expensive_calls(
-            self.engine, *_period(since, until), check_user_id(user_id), _check_limit(limit)
+            self.engine, *_period(since, until), self._who(user_id), _check_limit(limit)
         )
 
     def expensive_pairs(
@@ -461,31 +499,43 @@ class Tally:
             self.engine,
             _check_dimension(dimension),
             *_period(since, until),
-            check_user_id(user_id),
+            self._who(user_id),
             _check_limit(limit),
         )
 
     def stats(self) -> dict[str, Any]:
         """Health of the writer, from memory (no database query): queue depth, records
-        written and dropped, write errors and the last one, when the last write succeeded
-        and failed (Unix times), streams still open."""
+        written, dropped, spilled to the journal and replayed from it, the journal's
+        directory and size on disk, write errors and the last one, when the last write
+        succeeded and failed (Unix times), streams still open, and llm-tally's own internal
+        errors by kind (counted for the whole process; each kind is logged once)."""
         s = self._writer.stats
+        journal = self._writer.journal
         return {
             "queue_depth": self._writer.depth,
             "max_queue": self._writer.max_queue,
             "written": s.written,
             "dropped": s.dropped,
+            "spilled": s.spilled,
+            "replayed": s.replayed,
+            "journal_dir": str(journal.directory) if journal is not None else None,
+            "journal_bytes": journal.size_bytes() if journal is not None else 0,
+            "journal_errors": journal.errors if journal is not None else 0,
+            "last_journal_error": journal.last_error if journal is not None else None,
             "write_errors": s.write_errors,
             "last_write_error": s.last_write_error,
             "last_write_at": s.last_write_at,
             "last_write_error_at": s.last_write_error_at,
             "open_streams": len(self._open_calls),
+            # Process-wide: llm-tally's own failures by kind, each logged once (see _internal).
+            "internal_errors": dict(internal_error_counts),
         }
 
     def health(self) -> dict[str, Any]:
         """:meth:`stats`, plus a check that the store answers and how many stored calls wait
         to be rolled up (SQLite). ``status`` is ``"ok"``, or ``"degraded"`` when the store
-        does not answer, the last write failed, or records were dropped."""
+        does not answer, the last write failed, records were dropped, or the queue is full
+        and records wait in the journal."""
         report: dict[str, Any] = self.stats()
         try:
             report["rollup_backlog"] = rollups.pending_rows(self.engine)
@@ -497,7 +547,11 @@ class Tally:
             report["last_write_at"] is None
             or report["last_write_error_at"] > report["last_write_at"]
         )
-        healthy = report["store_error"] is None and not failing and not report["dropped"]
+        # A writer stuck waiting for a lock has no error yet, but the backlog shows it.
+        backlog = report["queue_depth"] >= report["max_queue"] or self._writer.spill_waiting
+        healthy = (
+            report["store_error"] is None and not failing and not report["dropped"] and not backlog
+        )
         report["status"] = "ok" if healthy else "degraded"
         return report
 
@@ -654,8 +708,39 @@ def _period(since: TimeBound, until: TimeBound) -> tuple[int | None, int | None]
     return bound_to_epoch_us(since, "since"), bound_to_epoch_us(until, "until")
 
 
+def _open_journal(journal: bool | str | os.PathLike[str], database_url: str) -> Journal | None:
+    """The crash journal asked for; a default place that cannot be used is logged and skipped
+    (the app must start), an explicit one raises."""
+    if journal is False:
+        return None
+    directory = default_directory(database_url) if journal is True else Path(journal)
+    if directory is None:
+        return None
+    try:
+        return Journal(directory)
+    except OSError as exc:
+        if journal is not True:
+            raise ValueError(f"journal: cannot use {str(directory)!r} ({exc})") from exc
+        logger.warning(
+            "llm-tally: no crash journal (%s); records are only queued in memory. Set "
+            "LLM_TALLY_JOURNAL_DIR or Tally(journal=...) to a writable directory.",
+            exc,
+        )
+        return None
+
+
 def _create_tables(engine: Engine) -> None:
     create_tables(engine)
+
+
+def _restart_writers_in_child() -> None:
+    # A Tally created before fork() (gunicorn --preload, multiprocessing) keeps recording in
+    # each child, with the child's own writer thread, connections and journal files.
+    for tally in list(_open_tallies):
+        guard("restart after fork", tally._writer.restart_in_child)
+
+
+os.register_at_fork(after_in_child=_restart_writers_in_child)
 
 
 @atexit.register

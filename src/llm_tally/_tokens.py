@@ -159,3 +159,10 @@ def count_prompt(prompt: Any, model: str | None) -> int:
                 if isinstance(message.get(key), str):
                     tokens += count_text(message[key], model) + (1 if key == "name" else 0)
     return tokens
+
+
+def estimate_by_length(prompt: Any, output_parts: Iterable[str]) -> tuple[int, int]:
+    """Input and output tokens by the length heuristic (1 token per 4 characters), cheap
+    enough for the caller's path: the crash journal's estimate, made before tiktoken's."""
+    characters = sum(len(text) for text in _texts(prompt)) if prompt is not None else 0
+    return math.ceil(characters / 4), math.ceil(sum(map(len, output_parts)) / 4)

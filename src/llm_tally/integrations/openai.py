@@ -33,15 +33,19 @@ from .._context import current_scope
 from .._internal import guard, report_internal_error
 from .._pricing import UNKNOWN_PROVIDER
 from .._record import (
+    ENTRY_VERSION,
     STATUS_ABORTED,
     STATUS_ERROR,
     STATUS_OK,
     USAGE_ESTIMATED,
+    USAGE_PROVIDER,
+    USAGE_UNKNOWN,
     CallRecord,
     new_record_id,
+    record_from_entry,
 )
 from .._tally import default_tally
-from .._tokens import count_prompt, count_text
+from .._tokens import count_prompt, count_text, estimate_by_length
 from .._validation import properties_from, user_id_from
 from .openai_usage import BodyUsage, Usage, read_body, read_truncated_body, read_usage
 
@@ -62,6 +66,7 @@ _HELICONE_PROPERTY = "helicone-property-"
 _TAIL_BYTES = 64 * 1024
 _HEAD_BYTES = 4 * 1024
 COST_NOT_BILLED = "not-billed"
+_NO_TOKENS = (0, 0, 0, 0, 0)
 
 # The call in flight in this task/thread, so the _process_response hook can attach to it.
 _active_call: ContextVar[_Call | None] = ContextVar("llm_tally_openai_call", default=None)
@@ -251,6 +256,7 @@ class _Call:
     status = STATUS_OK
     error_type: str | None = None
     raw_finish: Callable[[], None] | None = None
+    record_id: str | None = None  # set when the call is journaled (or stored)
 
     def __init__(
         self,
@@ -432,33 +438,71 @@ class _Call:
                 self.scope.open_calls.discard(self)
         self.tally.submit(self)
 
-    def to_record(self) -> CallRecord:
-        """Writer thread: read usage, model and ids from what the call kept; estimate if needed."""
-        record = CallRecord(
-            id=new_record_id(self.ts_us),
-            ts_us=self.ts_us,
-            user_id=self.user_id,
-            properties=self.properties,
-            provider=self.provider,
-            operation=self.operation,
-            request_model=self.model,
-            response_model=self.response_model,
-            latency_us=self.latency_us,
-            ttft_us=self.ttft_us,
-            status=self.status,
-            error_type=self.error_type,
-            http_status=self.http_status,
-            retries=self.retries,
-            request_id=self.request_id,
-            base_url=self.base_url,
+    def journal_entry(self) -> tuple[Any, ...]:
+        """The call as a journal entry, made on the caller's path: complete when the usage
+        object is in hand, else estimated by length; a raw body is left to the writer
+        (``usage_source="unknown"`` if the process dies first)."""
+        return self._entry(quick_estimate=True)
+
+    def _entry(self, quick_estimate: bool) -> tuple[Any, ...]:
+        record_id = self.record_id
+        if record_id is None:
+            record_id = self.record_id = new_record_id(self.ts_us)
+        usage = self.usage
+        found = usage if usage is None or isinstance(usage, Usage) else read_usage(usage)
+        cost_nano: int | None = None
+        cost_source: str | None = None
+        if found is not None:
+            tokens = (
+                found.input_tokens,
+                found.output_tokens,
+                found.cached_input_tokens,
+                found.cache_write_tokens,
+                found.reasoning_tokens,
+            )
+            usage_source = USAGE_PROVIDER
+        else:
+            tokens = _NO_TOKENS
+            usage_source = USAGE_UNKNOWN
+            if self.body_source is None and not self.billed:
+                usage_source = USAGE_PROVIDER
+                cost_nano, cost_source = 0, COST_NOT_BILLED
+            elif self.body_source is None and quick_estimate:
+                usage_source = USAGE_ESTIMATED
+                prompt = _prompt_of(self.operation, self.body)
+                tokens = (*estimate_by_length(prompt, self.output_parts), 0, 0, 0)
+        return (
+            ENTRY_VERSION,
+            record_id,
+            self.ts_us,
+            self.user_id,
+            self.properties,
+            self.provider,
+            self.operation,
+            self.model,
+            self.response_model,
+            *tokens,
+            cost_nano,
+            cost_source,
+            self.latency_us,
+            self.ttft_us,
+            self.status,
+            self.error_type,
+            self.http_status,
+            self.retries,
+            usage_source,
+            self.request_id,
+            self.base_url,
         )
+
+    def to_record(self) -> CallRecord:
+        """Writer thread: the journal entry, completed from a raw body or by an estimate."""
+        record = record_from_entry(self._entry(quick_estimate=False))
+        if record.usage_source != USAGE_UNKNOWN:
+            return record
         usage: Usage | None = None
         parts = self.output_parts
-        if isinstance(self.usage, Usage):
-            usage = self.usage
-        elif self.usage is not None:
-            usage = read_usage(self.usage)
-        elif self.body_source is not None:
+        if self.body_source is not None:
             found = (
                 read_body(self.body_source)
                 if isinstance(self.body_source, bytes)
@@ -468,6 +512,7 @@ class _Call:
             usage, parts = found.usage, found.output_parts
             if not (found.complete or found.usage) and record.status == STATUS_OK:
                 record.status = STATUS_ABORTED
+        record.usage_source = USAGE_PROVIDER
         if usage is not None:
             _apply_usage(record, usage)
         elif not self.billed:

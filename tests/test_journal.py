@@ -1,0 +1,435 @@
+"""The crash journal: a killed process loses no call that returned to the app, records wait
+on disk when the queue is full, replays never double-count, and no prompt reaches the disk."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import openai
+import pytest
+from sqlalchemy import text
+
+from llm_tally import Tally
+from llm_tally.storage.engine import create_tables
+from llm_tally.storage.journal import SUFFIX, Journal, Segment, default_directory, read_frames
+
+from .conftest import FakeServer
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_url(request: pytest.FixtureRequest, db_url: str) -> str:
+    if request.param == "sqlite":
+        return db_url
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
+def segments_of(tally: Tally) -> list[Path]:
+    directory = tally.stats()["journal_dir"]
+    assert directory is not None
+    return sorted(Path(directory).glob(f"*{SUFFIX}"))
+
+
+# -- where the journal lives -----------------------------------------------------------------
+
+
+def test_default_directory_follows_the_database_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LLM_TALLY_JOURNAL_DIR")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    assert (
+        default_directory(f"sqlite:///{tmp_path}/app.db") == tmp_path / "app.db.llm-tally-journal"
+    )
+    assert default_directory("sqlite://") is None
+    assert default_directory("sqlite:///:memory:") is None
+    postgres = default_directory("postgresql+psycopg://u:s3cret@db.example/prod")
+    assert postgres is not None and postgres.parent == tmp_path / "state/llm-tally/journal"
+    assert "s3cret" not in str(postgres)
+    # The same store gets the same directory whatever its password; another store another one.
+    assert postgres == default_directory("postgresql+psycopg://u:other@db.example/prod")
+    assert postgres != default_directory("postgresql+psycopg://u:s3cret@db.example/test")
+    monkeypatch.setenv("LLM_TALLY_JOURNAL_DIR", str(tmp_path / "j"))
+    moved = default_directory(f"sqlite:///{tmp_path}/app.db")
+    assert moved is not None and moved.parent == tmp_path / "j"
+
+
+def test_journal_option_is_checked(db_url: str, tmp_path: Path) -> None:
+    for bad in ("", 0, 1.5, ["dir"]):
+        with pytest.raises(ValueError, match="journal"):
+            Tally(db_url, journal=bad)  # type: ignore[arg-type]
+    a_file = tmp_path / "not-a-directory"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match="journal: cannot use"):
+        Tally(db_url, journal=a_file / "journal")
+    with Tally(db_url, journal=False) as tally:
+        assert tally.stats()["journal_dir"] is None and tally.stats()["journal_bytes"] == 0
+    with Tally(db_url, journal=tmp_path / "mine") as tally:
+        assert tally.stats()["journal_dir"] == str(tmp_path / "mine")
+        assert len(segments_of(tally)) == 1 and tally.stats()["journal_bytes"] > 0
+
+
+# -- frames ------------------------------------------------------------------------------------
+
+
+def test_frames_end_at_the_first_torn_or_corrupt_frame(tmp_path: Path) -> None:
+    segment = Segment.create(tmp_path, 4096)
+    try:
+        for n in range(5):
+            assert segment.append(f"record {n}".encode(), spilled=n % 2 == 1)
+        assert not segment.append(b"x" * 5000, spilled=False)  # does not fit: refused whole
+        assert list(segment.frames()) == [f"record {n}".encode() for n in range(5)]
+        assert list(segment.frames(only_spilled=True)) == [b"record 1", b"record 3"]
+        data = bytearray(segment.map[:])
+    finally:
+        segment.close(delete=True)
+    frame = 8 + len(b"record 0")
+    third = 8 + 2 * frame
+    torn = bytearray(data)
+    torn[third : third + 8] = bytes(8)  # killed after the payload, before the header
+    assert list(read_frames(bytes(torn))) == [b"record 0", b"record 1"]
+    corrupt = bytearray(data)
+    corrupt[third + 8] ^= 0xFF  # killed in the middle of the header: the checksum fails
+    assert list(read_frames(bytes(corrupt))) == [b"record 0", b"record 1"]
+    assert list(read_frames(b"not a journal" + bytes(data[8:]))) == []
+
+
+def test_a_segment_in_use_is_not_replayed_by_another_journal(tmp_path: Path) -> None:
+    first = Journal(tmp_path)
+    second = Journal(tmp_path)
+    try:
+        assert list(second.abandoned()) == []  # first's segment is locked by first
+        first.close(delete=False)  # ...until it lets go without deleting: it is abandoned
+        found = list(second.abandoned())
+        assert len(found) == 1 and found[0].path != second.current.path  # type: ignore[union-attr]
+        found[0].close(delete=True)
+    finally:
+        second.close(delete=True)
+    assert list(tmp_path.glob(f"*{SUFFIX}")) == []
+
+
+# -- spilling: the queue is full ---------------------------------------------------------------
+
+
+def test_a_full_queue_spills_to_the_journal_and_everything_arrives(
+    store_url: str, client: openai.OpenAI
+) -> None:
+    """The store is broken (its table dropped) while 60 calls are made with room for 5 in
+    memory: the calls are unaffected, 55 records wait on disk, and all 60 are stored exactly
+    once when the store comes back."""
+    with Tally(store_url, max_queue=5, flush_interval=0.01) as tally:
+        with tally.engine.begin() as conn:
+            conn.execute(text("DROP TABLE llm_tally_usage"))
+        import llm_tally
+
+        for n in range(30):
+            with llm_tally.user(f"u{n % 3}", n=str(n)):
+                reply = client.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+                )
+                assert reply.choices[0].message.content
+                raw = client.chat.completions.with_raw_response.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": "raw"}]
+                )
+                assert raw.parse().usage is not None
+        stats = tally.stats()
+        assert stats["spilled"] >= 45 and stats["dropped"] == 0, stats
+        assert stats["queue_depth"] <= 5
+        create_tables(tally.engine)
+        assert tally.flush(timeout=30)
+        stats = tally.stats()
+        assert stats["written"] == 60 and stats["replayed"] == stats["spilled"], stats
+        assert tally.count_records() == 60
+        usage = tally.user_totals("u1")
+        assert usage.requests == 20
+        # Spilled raw responses were completed before they were journaled: usage is known.
+        records = list(tally.iter_records())
+        assert {r["usage_source"] for r in records} == {"provider"}
+        assert all(r["input_tokens"] > 0 and r["cost_nano_usd"] > 0 for r in records)
+    assert not list(Path(stats["journal_dir"]).glob(f"*{SUFFIX}"))  # all stored: deleted
+
+
+def test_without_a_journal_a_full_queue_drops_and_counts(db_url: str) -> None:
+    with Tally(db_url, max_queue=2, flush_interval=0.01, journal=False) as tally:
+        with tally.engine.begin() as conn:
+            conn.execute(text("DROP TABLE llm_tally_usage"))
+        started = time.perf_counter()
+        for _ in range(10):
+            tally.record(user_id="u", model="gpt-4o-mini", input_tokens=1)
+        assert time.perf_counter() - started < 5
+        assert tally.stats()["dropped"] >= 6 and tally.stats()["spilled"] == 0
+        create_tables(tally.engine)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 6 MiB filesystem (tmpfs): room for one 4 MiB journal segment, not two."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_queue_and_disk_both_full_drop_with_a_count_and_never_block(
+    db_url: str, tiny_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with Tally(db_url, max_queue=10, flush_interval=0.01, journal=tiny_disk) as tally:
+        with tally.engine.begin() as conn:
+            conn.execute(text("DROP TABLE llm_tally_usage"))
+        started = time.perf_counter()
+        for n in range(40_000):
+            tally.record(user_id=f"u{n % 10}", model="gpt-4o-mini", input_tokens=1)
+        assert time.perf_counter() - started < 60
+        stats = tally.stats()
+        assert stats["journal_errors"] >= 1 and "No space" in stats["last_journal_error"]
+        assert stats["spilled"] > 10_000 and stats["dropped"] > 0, stats
+        in_memory = 40_000 - stats["spilled"] - stats["dropped"]
+        assert 0 < in_memory <= 2 * 10  # the queue and the batch being retried
+        assert "dropped so far" in caplog.text and "wait in the journal" in caplog.text
+        create_tables(tally.engine)
+        assert tally.flush(timeout=60)
+        assert tally.count_records() == 40_000 - stats["dropped"]
+
+
+# -- crashes -----------------------------------------------------------------------------------
+
+
+def test_a_process_that_dies_after_storing_is_replayed_without_double_counting(
+    store_url: str,
+) -> None:
+    """A process stores 300 calls, then exits without cleaning up (os._exit): its journal still
+    holds all 300. The next Tally replays them and each is stored once."""
+    script = textwrap.dedent(
+        """
+        import os, sys
+        from llm_tally import Tally
+        tally = Tally(sys.argv[1], instrument=False)
+        for n in range(300):
+            tally.record(user_id=f"u{n % 4}", model="gpt-4o-mini", input_tokens=10,
+                         output_tokens=5, cost_usd="0.001", properties={"n": str(n)})
+        assert tally.flush(30)
+        print(tally.stats()["journal_dir"])
+        os._exit(0)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, store_url], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    left = list(Path(done.stdout.strip()).glob(f"*{SUFFIX}"))
+    assert left  # the dead process's segment (and maybe its spare), never deleted
+    with Tally(store_url, instrument=False) as tally:
+        assert tally.flush(30)
+        stats = tally.stats()
+        assert tally.count_records() == 300
+        assert tally.user_totals("u1").cost_usd == Decimal("0.075")
+        assert stats["replayed"] == 0  # all were stored already: nothing new
+    assert not any(path.exists() for path in left)
+
+
+KILL_APP = """
+import os
+
+import openai
+from fastapi import FastAPI
+
+import llm_tally
+from llm_tally import Tally
+
+# A long flush interval: nothing is stored before the kill; only the journal can save them.
+tally = Tally(
+    os.environ["TEST_DB_URL"], flush_interval=30, journal=os.environ["TEST_JOURNAL"] != "off"
+)
+app = FastAPI()
+tally.init_app(app)
+client = openai.AsyncOpenAI(base_url=os.environ["TEST_LLM_URL"], api_key="k", max_retries=0)
+
+
+@app.get("/ask/{n}")
+async def ask(n: str) -> dict[str, str]:
+    llm_tally.bind_user(f"user-{int(n) % 7}")
+    llm_tally.tag(n=n)
+    if int(n) % 3:
+        reply = await client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": f"question {n}"}]
+        )
+    else:
+        stream = await client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": f"question {n}"}],
+            stream=True,
+        )
+        async for _ in stream:
+            pass
+    return {"n": n}
+"""
+
+
+def kill_under_load(tmp_path: Path, db_url: str, llm_url: str, journal: str = "on") -> set[str]:
+    """Run KILL_APP in uvicorn, call it from 8 threads, SIGKILL it once 300 calls were
+    answered; returns the ``n`` of every answered call."""
+    (tmp_path / "kill_app.py").write_text(KILL_APP)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "TEST_DB_URL": db_url, "TEST_LLM_URL": llm_url, "TEST_JOURNAL": journal}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "kill_app:app", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    answered: set[str] = set()
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx2.get(f"{base}/docs", timeout=1)
+                break
+            except httpx2.TransportError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise AssertionError("uvicorn did not start") from None
+                time.sleep(0.05)
+        lock = threading.Lock()
+        counter = iter(range(1_000_000))
+        stop = threading.Event()
+
+        def client() -> None:
+            with httpx2.Client(base_url=base, timeout=10) as http:
+                while not stop.is_set():
+                    n = str(next(counter))
+                    try:
+                        response = http.get(f"/ask/{n}")
+                    except httpx2.TransportError:
+                        return  # killed
+                    if response.status_code == 200:
+                        with lock:
+                            answered.add(response.json()["n"])
+
+        clients = [threading.Thread(target=client) for _ in range(8)]
+        for thread in clients:
+            thread.start()
+        while len(answered) < 300:
+            time.sleep(0.005)
+        server.send_signal(signal.SIGKILL)
+        server.wait(timeout=30)
+        stop.set()
+        for thread in clients:
+            thread.join(timeout=10)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    return answered
+
+
+def test_kill_9_under_load_loses_no_call_that_returned_to_the_app(
+    tmp_path: Path, store_url: str, fake_llm: FakeServer
+) -> None:
+    answered = kill_under_load(tmp_path, store_url, fake_llm.base_url)
+    with Tally(store_url, instrument=False) as tally:
+        assert tally.flush(60)
+        records = list(tally.iter_records())
+        stats = tally.stats()
+    stored = [record["properties"]["n"] for record in records]
+    assert len(stored) == len(set(stored)), "a call was stored twice"
+    missing = answered - set(stored)
+    assert not missing, f"{len(missing)} of {len(answered)} answered calls lost"
+    assert stats["replayed"] >= len(answered)  # they came from the journal, not the writer
+    usage = {r["properties"]["n"]: (r["input_tokens"], r["status"]) for r in records}
+    assert all(usage[n][1] == "ok" and usage[n][0] > 0 for n in answered), usage
+
+
+def test_without_the_journal_kill_9_loses_calls(tmp_path: Path, db_url: str, fake_llm: Any) -> None:
+    """The control experiment: the same kill with the journal off loses answered calls."""
+    answered = kill_under_load(tmp_path, db_url, fake_llm.base_url, journal="off")
+    with Tally(db_url, instrument=False) as tally:
+        assert tally.flush(60)
+        stored = {record["properties"]["n"] for record in tally.iter_records()}
+    assert len(answered - stored) > 0
+
+
+# -- privacy -----------------------------------------------------------------------------------
+
+
+def test_the_journal_never_holds_prompts_or_outputs(db_url: str, client: openai.OpenAI) -> None:
+    import llm_tally
+
+    secret_prompt = "PROMPT-SECRET-7f3a"
+    with Tally(db_url, max_queue=1, flush_interval=30) as tally:
+        outputs = []
+        with llm_tally.user("alice"):
+            for _ in range(3):  # the first is queued, the others spilled (completed first)
+                reply = client.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": secret_prompt}]
+                )
+                outputs.append(reply.choices[0].message.content or "")
+            stream = client.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=[{"role": "user", "content": secret_prompt}],
+                stream=True,
+            )
+            for _ in stream:
+                pass
+        journal = b"".join(path.read_bytes() for path in segments_of(tally))
+        assert journal.count(b"alice") == 4  # the calls are there...
+        assert secret_prompt.encode() not in journal  # ...their prompts and outputs are not
+        assert all(len(text) > 20 and text.encode() not in journal for text in outputs)
+
+
+def test_a_tally_created_before_fork_records_in_each_child(store_url: str) -> None:
+    """gunicorn --preload forks workers after the app (and its Tally) exist: each child gets
+    its own writer thread, connections and journal files, and loses nothing."""
+    script = textwrap.dedent(
+        """
+        import os, sys
+        from llm_tally import Tally
+        tally = Tally(sys.argv[1], instrument=False)
+        tally.record(user_id="parent", model="gpt-4o-mini", input_tokens=1, cost_usd="0.01")
+        children = []
+        for child in range(3):
+            pid = os.fork()
+            if pid == 0:
+                for n in range(200):
+                    tally.record(user_id=f"child-{child}", model="gpt-4o-mini",
+                                 input_tokens=1, cost_usd="0.01")
+                tally.close()  # what atexit does; os._exit skips it here to be explicit
+                os._exit(0)
+            children.append(pid)
+        codes = [os.waitpid(pid, 0)[1] for pid in children]
+        tally.close()
+        print(tally.stats()["journal_dir"], codes)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, store_url], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    directory, codes = done.stdout.split(" ", 1)
+    assert codes.strip() == "[0, 0, 0]"
+    assert not list(Path(directory).glob(f"*{SUFFIX}"))  # every process cleaned up its own
+    with Tally(store_url, instrument=False, journal=False) as tally:
+        assert tally.count_records() == 601
+        assert [tally.user_totals(f"child-{c}").requests for c in range(3)] == [200] * 3
+        assert tally.user_totals("parent").cost_usd == Decimal("0.01")
