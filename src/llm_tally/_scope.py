@@ -8,6 +8,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Protocol
 
 from ._context import current_scope
+from ._internal import guard
 from ._validation import PropertyValue, check_properties, check_user_id
 
 if TYPE_CHECKING:
@@ -56,15 +57,19 @@ class Scope:
         self.resolve_properties: Callable[[], dict[str, str]] | None = None
 
     def who(self) -> tuple[str | None, dict[str, str]]:
-        """The user and properties a call made now is charged to."""
+        """The user and properties a call made now is charged to.
+
+        The resolvers are ours (they call the app's own callables safely): if one fails,
+        the call is charged to no one rather than broken.
+        """
         if self.resolve_properties is not None:
             resolve, self.resolve_properties = self.resolve_properties, None
-            found = resolve()
+            found = guard("resolve properties", resolve)
             if found:
                 # Properties set explicitly with tag() win over the app's callable.
                 self.properties = {**found, **self.properties}
         if self.user_id is None and self.resolve_user is not None:
-            self.user_id = self.resolve_user()
+            self.user_id = guard("resolve user", self.resolve_user)
         return self.user_id, self.properties
 
     def close(self) -> None:

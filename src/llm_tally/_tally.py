@@ -271,11 +271,12 @@ class Tally:
         else:
             built = guard("build record", item.to_record)
             if built is None:
+                self._writer.stats.dropped += 1  # counted, so that health() says degraded
                 return None
             record = built
         if record.usage_source == USAGE_UNKNOWN:
             record.cost_source = _pricing.COST_UNKNOWN  # no tokens to price
-        elif record.cost_nano_usd is None:
+        elif record.cost_nano_usd is None and record.cost_source is None:
             priced = guard(
                 "pricing",
                 self._pricer.cost_nano_usd,

@@ -20,7 +20,7 @@ from typing import Any
 
 import tiktoken
 
-from ._internal import logger
+from ._internal import guard, logger
 
 # (blob URL tiktoken downloads from, sha256 tiktoken checks) per vocabulary.
 _VOCABULARIES = {
@@ -93,20 +93,22 @@ def load_encoding(name: str) -> tiktoken.Encoding | None:
     with _lock:
         if name in _encodings:
             return _encodings[name]
-        encoding: tiktoken.Encoding | None = None
         path = _cache_path(name) if name in _VOCABULARIES else None
         if path is not None:
             _, expected = _VOCABULARIES[name]
             if _is_cached(path, expected) or _seed_cache(name, path):
-                encoding = tiktoken.get_encoding(name)
-        if encoding is None:
-            logger.warning(
-                "llm-tally: tiktoken vocabulary %s is not available offline; token estimates "
-                "fall back to a length heuristic (see docs/design.md, 'tiktoken offline')",
-                name,
-            )
-        _encodings[name] = encoding
-        return encoding
+                # The vocabulary is there but tiktoken fails to load it (a broken install):
+                # counted as an internal error; estimates fall back to the heuristic.
+                encoding = guard("tiktoken", tiktoken.get_encoding, name)
+                _encodings[name] = encoding
+                return encoding
+        logger.warning(
+            "llm-tally: tiktoken vocabulary %s is not available offline; token estimates "
+            "fall back to a length heuristic (see docs/design.md, 'tiktoken offline')",
+            name,
+        )
+        _encodings[name] = None
+        return None
 
 
 def encoding_name_for_model(model: str | None) -> str:

@@ -31,7 +31,7 @@ from openai.lib.azure import AsyncAzureOpenAI, AzureOpenAI
 
 from .._context import current_scope
 from .._internal import guard, report_internal_error
-from .._pricing import UNKNOWN_PROVIDER
+from .._pricing import COST_UNKNOWN, UNKNOWN_PROVIDER
 from .._record import (
     ENTRY_VERSION,
     STATUS_ABORTED,
@@ -47,7 +47,14 @@ from .._record import (
 from .._tally import default_tally
 from .._tokens import count_prompt, count_text, estimate_by_length
 from .._validation import properties_from, user_id_from
-from .openai_usage import BodyUsage, Usage, read_body, read_truncated_body, read_usage
+from .openai_usage import (
+    RESPONSES_TERMINAL,
+    BodyUsage,
+    Usage,
+    read_body,
+    read_truncated_body,
+    read_usage,
+)
 
 if TYPE_CHECKING:
     from .._scope import Scope
@@ -60,7 +67,6 @@ OPERATIONS = {
     "/completions": "completions",
 }
 _STREAM_USAGE_OPERATIONS = ("chat", "completions")
-_RESPONSES_TERMINAL = ("response.completed", "response.incomplete", "response.failed")
 _HELICONE_USER = "helicone-user-id"
 _HELICONE_PROPERTY = "helicone-property-"
 _TAIL_BYTES = 64 * 1024
@@ -402,7 +408,10 @@ class _Call:
             self.retries = _retries_from(exc.response.request)
         else:
             self.retries = _retries_from(getattr(exc, "request", None))
-        self.finish(STATUS_ERROR, billed=False)
+        # A provider that answered 200 did the work (the SDK then failed on the body): it is
+        # billed, so the call is estimated rather than recorded as free.
+        billed = self.http_status is not None and self.http_status < 400
+        self.finish(STATUS_ERROR, billed=billed)
 
     def abort(self) -> None:
         """The stream was abandoned, cancelled, or outlived its request."""
@@ -500,6 +509,19 @@ class _Call:
         record = record_from_entry(self._entry(quick_estimate=False))
         if record.usage_source != USAGE_UNKNOWN:
             return record
+        try:
+            self._complete_usage(record)
+        except Exception as exc:
+            # Keep the call (tokens unknown: 0, marked estimated, cost unknown) rather than
+            # lose it.
+            _apply_usage(record, Usage())
+            record.usage_source = USAGE_ESTIMATED
+            record.cost_nano_usd, record.cost_source = None, COST_UNKNOWN
+            report_internal_error("read usage", exc)
+        return record
+
+    def _complete_usage(self, record: CallRecord) -> None:
+        """Usage from the raw body kept, else a tiktoken estimate."""
         usage: Usage | None = None
         parts = self.output_parts
         if self.body_source is not None:
@@ -522,7 +544,6 @@ class _Call:
             model_name = record.response_model or record.request_model
             record.input_tokens = count_prompt(_prompt_of(self.operation, self.body), model_name)
             record.output_tokens = count_text("".join(parts), model_name)
-        return record
 
     # -- streams -----------------------------------------------------------------------------
 
@@ -584,10 +605,10 @@ class _Call:
             if self.ttft_us is None:
                 self.ttft_us = int((time.perf_counter() - self.start) * 1_000_000)
             self.output_parts.append(event.delta)
-        elif kind in _RESPONSES_TERMINAL or kind == "response.created":
+        elif kind in RESPONSES_TERMINAL or kind == "response.created":
             response = event.response
             self.response_model = response.model or self.response_model
-            if kind in _RESPONSES_TERMINAL:
+            if kind in RESPONSES_TERMINAL:
                 self.usage = response.usage
                 self.saw_end = True
                 if kind == "response.failed":
@@ -669,6 +690,8 @@ class _Call:
 
     def _finish_from_body(self, body: bytes | _Tail) -> None:
         self.body_source = body  # read by the writer thread (see to_record)
+        if isinstance(body, _Tail) and body.error is not None:
+            self.status, self.error_type = STATUS_ERROR, body.error  # the connection broke
         self.finish(self.status)
 
 
@@ -758,7 +781,7 @@ def _observe_sync(inner: Iterator[Any], call: _Call) -> Iterator[Any]:
                 show = observe(item)
             except Exception as exc:
                 report_internal_error("observe chunk", exc)
-                show = True
+                show = _shown_anyway(call, item)
             if show:
                 yield item
     except GeneratorExit:
@@ -785,7 +808,7 @@ async def _observe_async(inner: AsyncIterator[Any], call: _Call) -> AsyncIterato
                 show = observe(item)
             except Exception as exc:
                 report_internal_error("observe chunk", exc)
-                show = True
+                show = _shown_anyway(call, item)
             if show:
                 yield item
     except GeneratorExit:
@@ -794,6 +817,14 @@ async def _observe_async(inner: AsyncIterator[Any], call: _Call) -> AsyncIterato
     except BaseException as exc:
         guard("stream failed", call.stream_failed, exc)
         raise
+
+
+def _shown_anyway(call: _Call, item: Any) -> bool:
+    """Whether to pass on a chunk our observer failed on: yes, unless it is the usage chunk
+    we asked for and the caller did not (its ``choices`` is empty: ``choices[0]`` breaks)."""
+    if not call.hide_usage_chunk:
+        return True
+    return getattr(item, "usage", None) is None or bool(getattr(item, "choices", None))
 
 
 def _hook_sync_close(response: httpx2.Response, call: _Call) -> None:
@@ -849,13 +880,14 @@ def _hook_parse(api_response: Any, call: _Call) -> None:
 class _Tail:
     """The first and last bytes of a body: enough to find its model and final usage object."""
 
-    __slots__ = ("chunks", "head", "size", "truncated")
+    __slots__ = ("chunks", "error", "head", "size", "truncated")
 
     def __init__(self) -> None:
         self.head = b""
         self.chunks: list[bytes] = []
         self.size = 0
         self.truncated = False
+        self.error: str | None = None  # what cut the body short, as the caller saw it
 
     def add(self, chunk: bytes) -> None:
         if len(self.head) < _HEAD_BYTES:
@@ -877,9 +909,17 @@ class _SyncTap(httpx2.SyncByteStream):
         self._tail = tail
 
     def __iter__(self) -> Iterator[bytes]:
-        for chunk in self._inner:
-            self._tail.add(chunk)
-            yield chunk
+        tail = self._tail
+        try:
+            for chunk in self._inner:
+                try:
+                    tail.add(chunk)
+                except Exception as exc:
+                    report_internal_error("tap raw body", exc)
+                yield chunk
+        except Exception as exc:
+            tail.error = type(exc).__name__
+            raise
 
     def close(self) -> None:
         self._inner.close()
@@ -891,9 +931,17 @@ class _AsyncTap(httpx2.AsyncByteStream):
         self._tail = tail
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self._inner:
-            self._tail.add(chunk)
-            yield chunk
+        tail = self._tail
+        try:
+            async for chunk in self._inner:
+                try:
+                    tail.add(chunk)
+                except Exception as exc:
+                    report_internal_error("tap raw body", exc)
+                yield chunk
+        except Exception as exc:
+            tail.error = type(exc).__name__
+            raise
 
     async def aclose(self) -> None:
         await self._inner.aclose()

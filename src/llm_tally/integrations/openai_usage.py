@@ -83,19 +83,24 @@ class BodyUsage:
     complete: bool = False
 
 
+# The events that end a Responses API stream.
+RESPONSES_TERMINAL = ("response.completed", "response.incomplete", "response.failed")
+
+
 def _observe_payload(found: BodyUsage, data: Any) -> None:
     if not isinstance(data, dict):
         return
+    kind = data.get("type")
     response = data.get("response")
-    if isinstance(response, dict) and data.get("type", "").startswith("response."):
+    if isinstance(response, dict) and isinstance(kind, str) and kind.startswith("response."):
         # Responses API events: usage and model live on the embedded response.
         found.model = response.get("model") or found.model
         usage = read_usage(response.get("usage"))
         if usage is not None:
             found.usage = usage
-            found.complete = True
+        found.complete = found.complete or usage is not None or kind in RESPONSES_TERMINAL
         return
-    if data.get("type") == "response.output_text.delta" and isinstance(data.get("delta"), str):
+    if kind == "response.output_text.delta" and isinstance(data.get("delta"), str):
         found.output_parts.append(data["delta"])
         return
     if isinstance(data.get("model"), str):
@@ -107,11 +112,22 @@ def _observe_payload(found: BodyUsage, data: Any) -> None:
         if not isinstance(choice, dict):
             continue
         delta = choice.get("delta")
-        text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+        message = choice.get("message")
+        if isinstance(delta, dict):
+            text = delta.get("content")
+        elif isinstance(message, dict):
+            text = message.get("content")  # a whole chat completion
+        else:
+            text = choice.get("text")  # legacy completions
         if isinstance(text, str):
             found.output_parts.append(text)
         if choice.get("finish_reason"):
             found.complete = True
+    if data.get("object") == "response":  # a whole Responses API response
+        for item in data.get("output") or ():
+            for part in (item.get("content") or ()) if isinstance(item, dict) else ():
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    found.output_parts.append(part["text"])
 
 
 def read_body(body: bytes) -> BodyUsage:
@@ -121,7 +137,7 @@ def read_body(body: bytes) -> BodyUsage:
     if stripped.startswith(b"{"):
         try:
             _observe_payload(found, json.loads(stripped))
-            found.complete = found.complete or found.usage is not None
+            found.complete = True  # a JSON body that parses was received whole
             return found
         except ValueError:
             pass
