@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -25,7 +18,6 @@ from llm_tally import Tally
 from llm_tally._record import CallRecord, new_record_id
 from llm_tally.demo.serve import BackgroundServer
 from llm_tally.storage.engine import create_tables
-from llm_tally.storage.journal import default_directory, read_frames
 
 from .conftest import serve_wsgi
 
@@ -138,110 +130,6 @@ def test_health_endpoint_on_both_frameworks(tally: Tally, served: dict[str, str]
         # Like every route but /api/me, not for clients behind a proxy by default.
         status, body = get_json(f"{base}/llm-usage/api/health", **{"X-Forwarded-For": "1.2.3.4"})
         assert status == 403
-
-
-SHUTDOWN_APP = """
-import os
-
-import openai
-from fastapi import FastAPI
-
-import llm_tally
-from llm_tally import Tally
-
-# A long flush interval: only the shutdown flush can store the last calls in time.
-tally = Tally(os.environ["TEST_DB_URL"], flush_interval=30)
-app = FastAPI()
-tally.init_app(app)
-client = openai.AsyncOpenAI(base_url=os.environ["TEST_LLM_URL"], api_key="k", max_retries=0)
-
-
-@app.get("/ask/{n}")
-async def ask(n: str) -> dict[str, str]:
-    llm_tally.bind_user(f"user-{int(n) % 7}")
-    llm_tally.tag(n=n)
-    reply = await client.chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": f"question {n}"}]
-    )
-    return {"n": n, "tokens": str(reply.usage.total_tokens if reply.usage else 0)}
-"""
-
-
-def test_uvicorn_stopped_by_sigterm_under_load_stores_every_answered_call(
-    tmp_path: Path, fake_llm: Any
-) -> None:
-    """A real uvicorn process gets SIGTERM while 8 clients keep calling it: every request
-    that was answered (so its LLM call returned to the app) is in the store afterwards, as
-    uvicorn's graceful shutdown ends in llm-tally's exit flush."""
-    (tmp_path / "shutdown_app.py").write_text(SHUTDOWN_APP)
-    db_url = f"sqlite:///{tmp_path / 'usage.db'}"
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "TEST_DB_URL": db_url, "TEST_LLM_URL": fake_llm.base_url}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "shutdown_app:app", "--port", str(port)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx2.get(f"{base}/docs", timeout=1)
-                break
-            except httpx2.TransportError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise AssertionError("uvicorn did not start") from None
-                time.sleep(0.05)
-        answered: set[str] = set()
-        lock = threading.Lock()
-        counter = iter(range(1_000_000))
-        stop = threading.Event()
-
-        def client() -> None:
-            with httpx2.Client(base_url=base, timeout=10) as http:
-                while not stop.is_set():
-                    n = str(next(counter))
-                    try:
-                        response = http.get(f"/ask/{n}")
-                    except httpx2.TransportError:
-                        return  # the server is going away
-                    if response.status_code == 200:
-                        with lock:
-                            answered.add(response.json()["n"])
-
-        clients = [threading.Thread(target=client) for _ in range(8)]
-        for thread in clients:
-            thread.start()
-        while len(answered) < 200:
-            time.sleep(0.01)
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=30)
-        stop.set()
-        for thread in clients:
-            thread.join(timeout=10)
-    finally:
-        if server.poll() is None:
-            server.kill()
-        stderr = ""
-        if server.stderr is not None:
-            stderr = server.stderr.read().decode()
-            server.stderr.close()
-    # journal=False: only what the server stored counts, not what a replay would recover.
-    with Tally(db_url, instrument=False, journal=False) as reader:
-        stored = {record["properties"]["n"] for record in reader.iter_records()}
-    missing = answered - stored
-    assert not missing, f"{len(missing)} answered calls not stored; server said:\n{stderr}"
-    assert len(answered) >= 200
-    # Everything was stored, so the flush emptied the crash journal: nothing left to replay.
-    journal = default_directory(db_url)
-    assert journal is not None and journal.is_dir()  # the server's (same environment)
-    left = {path.name: list(read_frames(path.read_bytes())) for path in journal.glob("*.journal")}
-    assert left and not any(left.values()), {name: len(v) for name, v in left.items()}
 
 
 # -- retention ---------------------------------------------------------------------------------

@@ -652,9 +652,12 @@ class Tally:
             uninstrument_openai()
         if not self._writer.close(timeout):
             logger.warning(
-                "llm-tally: %d record(s) were not stored before close() gave up after %ss",
+                "llm-tally: %d record(s) were not stored before close() gave up after %ss%s",
                 self._writer.depth,
                 timeout,
+                "; they stay in the crash journal for the next Tally on this store"
+                if self._writer.journal is not None
+                else "",
             )
         self.engine.dispose()
 
@@ -746,6 +749,11 @@ os.register_at_fork(after_in_child=_restart_writers_in_child)
 
 @atexit.register
 def _close_open_tallies() -> None:
-    # Records still queued at interpreter exit are stored (bounded wait) rather than lost.
-    for tally in list(_open_tallies):
-        guard("close at exit", tally.close, 10.0)
+    # Records still queued at interpreter exit are stored rather than lost, within one
+    # deadline for all Tallies (gunicorn gives a worker 30 s in all to stop).
+    from ._shutdown import flush_before_exit
+
+    tallies = list(_open_tallies)
+    guard("flush at exit", flush_before_exit, tallies)
+    for tally in tallies:
+        guard("close at exit", tally.close, 1.0)

@@ -11,8 +11,8 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._context import current_scope
-from .._internal import logger
 from .._scope import Scope as UsageScope
+from .._shutdown import SHUTDOWN_FLUSH_TIMEOUT, flush_before_exit
 from .._tally import default_tally
 from .._validation import properties_from, user_id_from
 from ._identify import (
@@ -51,7 +51,7 @@ class LLMUsageMiddleware:
         identify: Identify | None = None,
         properties: Properties | None = None,
         user_header: str | None = None,
-        shutdown_flush_timeout: float = 10.0,
+        shutdown_flush_timeout: float = SHUTDOWN_FLUSH_TIMEOUT,
     ) -> None:
         check_middleware_arguments(tally, identify, properties)
         self.shutdown_flush_timeout = shutdown_flush_timeout
@@ -105,15 +105,8 @@ class LLMUsageMiddleware:
 
     def _flush(self) -> None:
         tally = self.tally or default_tally()
-        if tally is None or tally.closed:
-            return
-        if not tally.flush(timeout=self.shutdown_flush_timeout):
-            logger.warning(
-                "llm-tally: %d record(s) still queued after waiting %.1f s at shutdown; "
-                "is the store reachable?",
-                tally.stats()["queue_depth"],
-                self.shutdown_flush_timeout,
-            )
+        if tally is not None:
+            flush_before_exit([tally], self.shutdown_flush_timeout)
 
     async def _identify(self, usage: UsageScope, request: Request) -> None:
         if self.identify is not None:

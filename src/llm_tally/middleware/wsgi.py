@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._context import current_scope
 from .._scope import Scope as UsageScope
+from .._shutdown import flush_on_sigterm
 from .._validation import properties_from, user_id_from
 from ._identify import (
     call_app_code,
@@ -32,6 +33,9 @@ class LLMUsageWSGIMiddleware:
 
     ``identify(environ)`` and ``properties(environ)`` run at the start of the request; for
     Flask, prefer ``tally.init_app(app, ...)``, whose callables run inside the request context.
+
+    Created in the main thread of a process where SIGTERM would end it at once (werkzeug's
+    server), it makes SIGTERM store the queued records first; see docs/operations.md#shutdown.
     """
 
     def __init__(
@@ -51,6 +55,7 @@ class LLMUsageWSGIMiddleware:
         # Set by tally.init_app(flask_app): resolvers that run inside Flask's request context.
         self.resolve_user: Callable[[], str | None] | None = None
         self.resolve_properties: Callable[[], dict[str, str]] | None = None
+        flush_on_sigterm()
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         usage = UsageScope(None, {}, self.tally, abort_open_calls_on_exit=True)

@@ -166,6 +166,7 @@ class BackgroundWriter:
         # rolled them up since; then catching up finds nothing to do).
         self._not_rolled_up = 0
         self._queue: deque[Any] = deque()
+        self._in_flight = 0
         # Journal segments to store from (spilled records, or another process's leftovers),
         # each with whether only its spilled records are missing from the store.
         self._to_replay: list[tuple[Segment, bool]] = []
@@ -180,6 +181,7 @@ class BackgroundWriter:
         parent's journal files or reuse its connections. Start afresh; what the parent
         queued is the parent's to store."""
         self._queue = deque()
+        self._in_flight = 0
         self._to_replay = []
         self._wake = threading.Event()
         self.stats = WriterStats()
@@ -284,7 +286,8 @@ class BackgroundWriter:
 
     @property
     def depth(self) -> int:
-        return len(self._queue)
+        """Records waiting in memory: queued, or in the batch being stored (or retried)."""
+        return len(self._queue) + self._in_flight
 
     @property
     def journal(self) -> Journal | None:
@@ -321,10 +324,12 @@ class BackgroundWriter:
                     row = self._to_row(item)
                     if row is not None:
                         pending.append(row)
+                self._in_flight = len(pending)
                 if pending and self._insert(pending) is None:
                     failed = True
                     break
                 pending = []
+                self._in_flight = 0
                 backoff = 0.0
                 for segment in retired:
                     self._retire(segment)
