@@ -249,7 +249,7 @@ font-size:.85rem;border-top:1px solid var(--line)}
 """
 
 # No script may run, whatever a value manages to smuggle in: defence in depth behind escaping.
-_CSP = (
+CSP = (
     "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
     "form-action 'self'; base-uri 'none'"
 )
@@ -261,7 +261,7 @@ def _page(title: str, body: str, home: str) -> str:
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<meta http-equiv="Content-Security-Policy" content="{_CSP}">
+<meta http-equiv="Content-Security-Policy" content="{CSP}">
 <meta name="referrer" content="no-referrer">
 <title>{_e(title)} · llm-tally</title>
 <style>{_CSS}</style>
