@@ -277,7 +277,9 @@ def _page(title: str, body: str, home: str) -> str:
 <footer>All times UTC. Costs are exact, in US dollars. JSON API:
 <a href="{base}api/users">api/users</a>, <a href="{base}api/by/plan">api/by/plan</a>,
 <a href="{base}api/anomalies">api/anomalies</a>,
-<a href="{base}api/expensive">api/expensive</a>.</footer>
+<a href="{base}api/expensive">api/expensive</a>; every call as CSV:
+<a href="{base}api/export.csv">api/export.csv</a>; all routes:
+<a href="{base}api/openapi.json">api/openapi.json</a>.</footer>
 </body></html>
 """
 
