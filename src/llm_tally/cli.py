@@ -10,10 +10,10 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import IO, Any
 
-from ._money import nano_to_usd
-from ._time import TimeBound, from_epoch_us, parse_time_bound
+from ._time import TimeBound, parse_time_bound
 from .storage.engine import resolve_database_url
 from .storage.queries import ORDER_BY_VALUES
+from .web.export import EXPORT_FIELDS, export_row, safe_row
 
 EXIT_USAGE = 2
 
@@ -269,7 +269,7 @@ def _write(rows: list[dict[str, Any]], fmt: str, out: IO[str]) -> None:
     if fmt == "csv":
         writer = csv.DictWriter(out, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(safe_row(row) for row in rows)
         return
     texts = [["" if row[c] is None else str(row[c]) for c in columns] for row in rows]
     widths = [max(len(c), *(len(t[i]) for t in texts)) for i, c in enumerate(columns)]
@@ -289,44 +289,6 @@ def _write(rows: list[dict[str, Any]], fmt: str, out: IO[str]) -> None:
 
 def _is_number(text: str) -> bool:
     return text.replace(".", "", 1).isdigit()
-
-
-EXPORT_FIELDS = (
-    "id",
-    "time",
-    "user_id",
-    "properties",
-    "provider",
-    "operation",
-    "request_model",
-    "response_model",
-    "input_tokens",
-    "output_tokens",
-    "cached_input_tokens",
-    "cache_write_tokens",
-    "reasoning_tokens",
-    "cost_usd",
-    "cost_source",
-    "status",
-    "error_type",
-    "http_status",
-    "latency_ms",
-    "usage_source",
-    "request_id",
-)
-
-
-def export_row(record: dict[str, Any]) -> dict[str, Any]:
-    """A stored record as a CSV row: ISO-8601 UTC time, exact USD, JSON properties."""
-    cost = record["cost_nano_usd"]
-    latency = record["latency_us"]
-    return {
-        **{k: record[k] for k in EXPORT_FIELDS if k in record},
-        "time": from_epoch_us(record["ts"]).isoformat().replace("+00:00", "Z"),
-        "properties": json.dumps(record["properties"], sort_keys=True),
-        "cost_usd": "" if cost is None else format(nano_to_usd(cost), "f"),
-        "latency_ms": "" if latency is None else f"{latency / 1000:.3f}",
-    }
 
 
 def _export(args: argparse.Namespace) -> int:

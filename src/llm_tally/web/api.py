@@ -56,14 +56,28 @@ class ApiError(Exception):
         self.message = message
 
 
+#: The times a query may name, in UTC: far enough inside datetime's range (years 1 to 9999)
+#: that a time zone offset, a day or a month added on the way never overflows.
+EARLIEST = datetime(1, 1, 2, tzinfo=UTC)
+LATEST = datetime(9998, 12, 1, tzinfo=UTC)
+
+
 def _parse_time(params: Mapping[str, str], name: str) -> TimeBound:
     raw = params.get(name)
     if raw is None or raw == "":
         return None
     try:
-        return parse_time_bound(raw, name)
+        parsed = parse_time_bound(raw, name)
+        in_range = EARLIEST <= _as_utc(parsed) <= LATEST
     except ValueError as exc:
         raise ApiError(400, str(exc)) from None
+    except OverflowError:  # an offset that moves the time out of datetime's range
+        in_range = False
+    if not in_range:
+        raise ApiError(
+            400, f"{name}: expected a time from 0001-01-02 to 9998-12-01 (UTC), got {raw[:64]!r}"
+        )
+    return parsed
 
 
 def int_param(params: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
@@ -71,8 +85,13 @@ def int_param(params: Mapping[str, str], name: str, default: int, low: int, high
     raw = params.get(name)
     if raw is None or raw == "":
         return default
-    # isascii(): str.isdigit() also accepts '²' and '①', which int() rejects.
-    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
+    # isascii(): str.isdigit() also accepts '²' and '①', which int() rejects; the length
+    # keeps int() away from its limit on digits (a ValueError of its own).
+    if (
+        not (raw.isascii() and raw.isdigit())
+        or len(raw) > len(str(high)) + 1
+        or not low <= int(raw) <= high
+    ):
         raise ApiError(
             400, f"{name}: expected a whole number from {low} to {high}, got {raw[:64]!r}"
         )

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.routing import Route
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.types import ASGIApp
 
 from ..middleware._identify import (
     call_app_code_async,
@@ -20,12 +23,32 @@ from ..middleware._identify import (
 )
 from ..middleware.asgi import Identify, LLMUsageMiddleware, Properties, request_user
 from ..storage.insights import Revenue
-from . import api, dashboard
+from . import routes
 
 if TYPE_CHECKING:
     from .._tally import Tally
 
 Authorize = Callable[[Request], bool | Awaitable[bool]]
+
+
+class _AnyText(PathConvertor):
+    """Any text, line breaks included (Starlette's ``path`` stops at one)."""
+
+    regex = "(?s:.*)"
+
+
+register_url_convertor(routes.ANY_PATH, _AnyText())
+
+
+class _Mount(Mount):
+    """A mount whose sub-path may hold line breaks too (Starlette's stops at one): a user id
+    holding one reaches the endpoint and gets its 400, as on Flask, not a 404."""
+
+    def __init__(self, path: str, app: ASGIApp) -> None:
+        super().__init__(path, app=app)
+        self.path_regex = re.compile(self.path_regex.pattern, re.DOTALL)
+
+
 _FORWARDED = ("forwarded", "x-forwarded-for", "x-real-ip")
 
 
@@ -48,91 +71,43 @@ def usage_app(
     check_callable(identify, "identify")
     header = check_header(user_header)
     allowed = authorize or default_authorize
+    endpoint = routes.Endpoint(tally, revenue)
 
-    async def is_allowed(request: Request) -> bool:
-        # A failing authorize() denies access (and is logged); it never answers 500.
-        return await call_app_code_async(allowed, request, source="authorize") is True
+    def serve(route: routes.Route) -> Callable[[Request], Awaitable[Response]]:
+        async def handle(request: Request) -> Response:
+            caller = None
+            if route.access == "caller":
+                caller = await request_user(request, identify, header)
+                if caller is None:
+                    return _response(routes.no_user())
+            # A failing authorize() denies access (and is logged); it never answers 500.
+            elif await call_app_code_async(allowed, request, source="authorize") is not True:
+                return _response(routes.forbidden())
+            asked = routes.Asked(
+                request.path_params,
+                request.query_params,
+                caller,
+                # The mount's path as the client sees it (Mount and the server's root_path).
+                request.scope.get("root_path", ""),
+            )
+            # Queries block: off the event loop.
+            return _response(await run_in_threadpool(route.handle, endpoint, asked))
 
-    def protected(
-        handler: Callable[[Request], dict[str, Any]],
-    ) -> Callable[[Request], Awaitable[Response]]:
-        async def endpoint(request: Request) -> Response:
-            if not await is_allowed(request):
-                return JSONResponse({"error": api.FORBIDDEN_MESSAGE}, status_code=403)
-            try:
-                # Queries block: off the event loop.
-                return JSONResponse(await run_in_threadpool(handler, request))
-            except api.ApiError as exc:
-                return JSONResponse({"error": exc.message}, status_code=exc.status)
+        return handle
 
-        return endpoint
+    return Starlette(
+        routes=[
+            Route(route.template("starlette"), serve(route), methods=["GET"])
+            for route in routes.ROUTES
+        ]
+    )
 
-    def page(
-        render: Callable[[Request], tuple[int, str]],
-    ) -> Callable[[Request], Awaitable[Response]]:
-        async def endpoint(request: Request) -> Response:
-            if not await is_allowed(request):
-                return JSONResponse({"error": api.FORBIDDEN_MESSAGE}, status_code=403)
-            # A page runs several queries: off the event loop.
-            status, body = await run_in_threadpool(render, request)
-            return HTMLResponse(body, status_code=status)
 
-        return endpoint
-
-    async def me(request: Request) -> Response:
-        user_id = await request_user(request, identify, header)
-        if user_id is None:
-            return JSONResponse({"error": api.NO_USER_MESSAGE}, status_code=401)
-        try:
-            detail = await run_in_threadpool(api.user_detail, tally, user_id, request.query_params)
-            return JSONResponse(detail)
-        except api.ApiError as exc:
-            return JSONResponse({"error": exc.message}, status_code=exc.status)
-
-    routes = [
-        Route(
-            "/",
-            page(lambda r: dashboard.users_page(tally, r.query_params)),
-            methods=["GET"],
-        ),
-        Route(
-            "/anomalies",
-            page(lambda r: dashboard.anomalies_page(tally, r.query_params)),
-            methods=["GET"],
-        ),
-        Route(
-            "/users/{user_id:path}",
-            page(lambda r: dashboard.user_page(tally, r.path_params["user_id"], r.query_params)),
-            methods=["GET"],
-        ),
-        Route("/api/me", me, methods=["GET"]),
-        Route(
-            "/api/users",
-            protected(lambda r: api.users_page(tally, r.query_params)),
-            methods=["GET"],
-        ),
-        Route("/api/health", protected(lambda r: api.health_page(tally, r.query_params))),
-        Route("/api/activity", protected(lambda r: api.activity_page(tally, r.query_params))),
-        Route("/api/anomalies", protected(lambda r: api.anomalies_page(tally, r.query_params))),
-        Route("/api/expensive", protected(lambda r: api.expensive_page(tally, r.query_params))),
-        Route(
-            "/api/profitability",
-            protected(lambda r: api.profitability_page(tally, revenue, r.query_params)),
-        ),
-        Route(
-            "/api/by/{dimension}",
-            protected(
-                lambda r: api.totals_by_page(tally, r.path_params["dimension"], r.query_params)
-            ),
-            methods=["GET"],
-        ),
-        Route(
-            "/api/users/{user_id:path}",
-            protected(lambda r: api.user_detail(tally, r.path_params["user_id"], r.query_params)),
-            methods=["GET"],
-        ),
-    ]
-    return Starlette(routes=routes)
+def _response(answer: routes.Answer) -> Response:
+    if isinstance(answer.body, str):
+        return Response(answer.body, answer.status, answer.headers, answer.media_type)
+    # The CSV export: its rows are read from the store as they are sent.
+    return StreamingResponse(answer.body, answer.status, answer.headers, answer.media_type)
 
 
 def init_starlette(
@@ -163,5 +138,5 @@ def init_starlette(
         properties=properties,
         user_header=user_header,
     )
-    app.mount(mount_path, endpoint)
+    app.router.routes.append(_Mount(mount_path, endpoint))
     app.state.llm_tally = tally

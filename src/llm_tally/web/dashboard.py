@@ -249,7 +249,7 @@ font-size:.85rem;border-top:1px solid var(--line)}
 """
 
 # No script may run, whatever a value manages to smuggle in: defence in depth behind escaping.
-_CSP = (
+CSP = (
     "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
     "form-action 'self'; base-uri 'none'"
 )
@@ -261,7 +261,7 @@ def _page(title: str, body: str, home: str) -> str:
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<meta http-equiv="Content-Security-Policy" content="{_CSP}">
+<meta http-equiv="Content-Security-Policy" content="{CSP}">
 <meta name="referrer" content="no-referrer">
 <title>{_e(title)} · llm-tally</title>
 <style>{_CSS}</style>
@@ -277,7 +277,9 @@ def _page(title: str, body: str, home: str) -> str:
 <footer>All times UTC. Costs are exact, in US dollars. JSON API:
 <a href="{base}api/users">api/users</a>, <a href="{base}api/by/plan">api/by/plan</a>,
 <a href="{base}api/anomalies">api/anomalies</a>,
-<a href="{base}api/expensive">api/expensive</a>.</footer>
+<a href="{base}api/expensive">api/expensive</a>; every call as CSV:
+<a href="{base}api/export.csv">api/export.csv</a>; all routes:
+<a href="{base}api/openapi.json">api/openapi.json</a>.</footer>
 </body></html>
 """
 

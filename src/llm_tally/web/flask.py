@@ -18,7 +18,7 @@ from ..middleware._identify import (
 )
 from ..middleware.wsgi import LLMUsageWSGIMiddleware
 from ..storage.insights import Revenue
-from . import api, dashboard
+from . import api, routes
 
 if TYPE_CHECKING:
     from flask import Flask, Response
@@ -40,7 +40,7 @@ def init_flask(
     user_header: str | None,
     revenue: Revenue | None,
 ) -> None:
-    from flask import Blueprint, jsonify, request
+    from flask import Blueprint, request
 
     if EXTENSION in app.extensions:
         raise RuntimeError(
@@ -93,72 +93,50 @@ def init_flask(
         # The last value of a repeated parameter, as Starlette reads it on the ASGI side.
         return {key: values[-1] for key, values in request.args.lists()}
 
-    def answer(build: Callable[[], dict[str, Any]], check: bool = True) -> tuple[Response, int]:
-        if check and not allowed():
-            return jsonify({"error": api.FORBIDDEN_MESSAGE}), 403
-        try:
-            return jsonify(build()), 200
-        except api.ApiError as exc:
-            return jsonify({"error": exc.message}), exc.status
+    endpoint = routes.Endpoint(tally, revenue)
 
-    blueprint = Blueprint("llm_tally", __name__, url_prefix=mount_path.rstrip("/") or None)
+    def view_of(route: routes.Route) -> Callable[..., Response]:
+        def view(**path: str) -> Response:
+            caller = None
+            if route.access == "caller":
+                caller = current_user_id() or user_from_environ_header(request.environ, header)
+                if caller is None:
+                    return _response(routes.no_user())
+            elif not allowed():
+                return _response(routes.forbidden())
+            asked = routes.Asked(path, params(), caller, request.script_root + mount_path)
+            return _response(route.handle(endpoint, asked))
 
-    def page(render: Callable[[], tuple[int, str]]) -> Any:
-        if not allowed():
-            return jsonify({"error": api.FORBIDDEN_MESSAGE}), 403
-        status, body = render()
-        return body, status
+        return view
 
-    @blueprint.get("/")
-    def index() -> Any:
-        return page(lambda: dashboard.users_page(tally, params()))
-
-    @blueprint.get("/anomalies")
-    def anomalies_page() -> Any:
-        return page(lambda: dashboard.anomalies_page(tally, params()))
-
-    @blueprint.get("/users/<path:user_id>")
-    def user_page(user_id: str) -> Any:
-        return page(lambda: dashboard.user_page(tally, user_id, params()))
-
-    @blueprint.get("/api/users")
-    def users() -> Any:
-        return answer(lambda: api.users_page(tally, params()))
-
-    @blueprint.get("/api/users/<path:user_id>")
-    def user_detail(user_id: str) -> Any:
-        return answer(lambda: api.user_detail(tally, user_id, params()))
-
-    @blueprint.get("/api/health")
-    def health() -> Any:
-        return answer(lambda: api.health_page(tally, params()))
-
-    @blueprint.get("/api/activity")
-    def activity() -> Any:
-        return answer(lambda: api.activity_page(tally, params()))
-
-    @blueprint.get("/api/anomalies")
-    def anomalies() -> Any:
-        return answer(lambda: api.anomalies_page(tally, params()))
-
-    @blueprint.get("/api/expensive")
-    def expensive() -> Any:
-        return answer(lambda: api.expensive_page(tally, params()))
-
-    @blueprint.get("/api/profitability")
-    def profitability() -> Any:
-        return answer(lambda: api.profitability_page(tally, revenue, params()))
-
-    @blueprint.get("/api/by/<dimension>")
-    def totals_by(dimension: str) -> Any:
-        return answer(lambda: api.totals_by_page(tally, dimension, params()))
-
-    @blueprint.get("/api/me")
-    def me() -> Any:
-        user_id = current_user_id() or user_from_environ_header(request.environ, header)
-        if user_id is None:
-            return jsonify({"error": api.NO_USER_MESSAGE}), 401
-        return answer(lambda: api.user_detail(tally, user_id, params()), check=False)
-
+    app.url_map.converters.setdefault(routes.ANY_PATH, _any_text_converter())
+    blueprint = Blueprint("llm_tally", __name__, url_prefix=mount_path)
+    for route in routes.ROUTES:
+        blueprint.add_url_rule(
+            route.template("flask"),
+            route.name,
+            view_of(route),
+            methods=["GET"],
+            # A user id may hold "//": never redirect to another id's page.
+            merge_slashes=False,
+        )
     app.register_blueprint(blueprint)
     app.extensions[EXTENSION] = tally
+
+
+def _response(answer: routes.Answer) -> Response:
+    from flask import Response
+
+    return Response(answer.body, answer.status, answer.headers, content_type=answer.media_type)
+
+
+def _any_text_converter() -> type:
+    from werkzeug.routing import PathConverter
+
+    class AnyText(PathConverter):
+        """Any text, a leading "/" included (werkzeug's ``path`` refuses one)."""
+
+        regex = "(?s:.*?)"
+        part_isolating = False
+
+    return AnyText
