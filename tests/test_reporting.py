@@ -1138,3 +1138,14 @@ def test_cli_period_options_match_month_period() -> None:
     # The "iso" period used above is Paris' November; "dates" is UTC's October.
     assert TEXT_PERIODS["iso"][1] == llm_tally.month_period(2026, 11, "Europe/Paris")
     assert TEXT_PERIODS["dates"][1] == llm_tally.month_period(2026, 10, "UTC")
+
+
+def test_times_outside_the_supported_range_are_refused_by_name(tally: Tally) -> None:
+    """Times near datetime's limits would overflow once a month or an offset is added."""
+    with pytest.raises(ValueError, match="since must be a time from 0001-01-02 to 9998-12-01"):
+        tally.users(since=date(9999, 12, 31))
+    with pytest.raises(ValueError, match="until must be a time"):
+        tally.user_totals("u", until=datetime(1, 1, 1, tzinfo=UTC))
+    with pytest.raises(ValueError, match="ts must be a time"):
+        tally.record(user_id="u", model="gpt-4o-mini", ts=datetime(9999, 1, 1))
+    assert tally.users(since=date(9998, 11, 1)) == []  # the edge itself is fine

@@ -6,6 +6,10 @@ from datetime import UTC, date, datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: The times llm-tally accepts, in UTC: far enough inside datetime's range (years 1 to 9999)
+#: that a time zone offset, a day or a month added on the way never overflows.
+EARLIEST = datetime(1, 1, 2, tzinfo=UTC)
+LATEST = datetime(9998, 12, 1, tzinfo=UTC)
 
 TimeBound = datetime | date | None
 
@@ -18,6 +22,14 @@ def to_epoch_us(value: datetime | date, field: str = "time") -> int:
         moment = datetime(value.year, value.month, value.day, tzinfo=UTC)
     else:
         raise ValueError(f"{field} must be a datetime or a date, got {type(value).__name__}")
+    try:
+        in_range = EARLIEST <= moment <= LATEST
+    except OverflowError:  # an offset that moves the time out of datetime's range
+        in_range = False
+    if not in_range:
+        raise ValueError(
+            f"{field} must be a time from 0001-01-02 to 9998-12-01 (UTC), got {value!r}"
+        )
     delta = moment - _EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 

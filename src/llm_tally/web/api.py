@@ -12,7 +12,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from .._money import nano_to_usd
-from .._time import TimeBound, from_epoch_us, parse_time_bound
+from .._time import EARLIEST, LATEST, TimeBound, from_epoch_us, parse_time_bound
 from .._validation import check_user_id
 from ..storage import insights
 from ..storage.analytics import GroupTotals
@@ -54,12 +54,6 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-#: The times a query may name, in UTC: far enough inside datetime's range (years 1 to 9999)
-#: that a time zone offset, a day or a month added on the way never overflows.
-EARLIEST = datetime(1, 1, 2, tzinfo=UTC)
-LATEST = datetime(9998, 12, 1, tzinfo=UTC)
 
 
 def _parse_time(params: Mapping[str, str], name: str) -> TimeBound:
