@@ -146,7 +146,7 @@ def test_a_full_queue_spills_to_the_journal_and_everything_arrives(
                 assert raw.parse().usage is not None
         stats = tally.stats()
         assert stats["spilled"] >= 45 and stats["dropped"] == 0, stats
-        assert stats["queue_depth"] <= 5
+        assert stats["queue_depth"] <= 2 * 5  # the queue, and the batch being retried
         create_tables(tally.engine)
         assert tally.flush(timeout=30)
         stats = tally.stats()

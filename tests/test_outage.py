@@ -185,7 +185,8 @@ def assert_all_arrived(traffic: Traffic, seen: dict[str, Any]) -> None:
     assert seen["health"] == "degraded", seen
     # SQLite's writer waits 10 s for the lock before its insert fails.
     assert seen["write_errors"] > 0 or OUTAGE_SECONDS < 15, seen
-    assert seen["spilled"] > 0 and seen["queue_depth"] <= MAX_QUEUE + 1, seen
+    # In memory: at most the queue and the batch being retried.
+    assert seen["spilled"] > 0 and seen["queue_depth"] <= 2 * MAX_QUEUE, seen
     assert seen["dropped"] == 0
     stats = tally.stats()
     assert stats["dropped"] == 0 and stats["replayed"] == stats["spilled"], stats
