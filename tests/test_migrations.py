@@ -45,7 +45,12 @@ from .test_rollups import (
     store,
 )
 
-SOME_PERIODS = {n: PERIODS[n] for n in ("open", "one-utc-month", "paris-month", "sub-hour")}
+#: Reports over these periods read every kind of source (months, hours, raw calls); the
+#: rollups themselves are compared with the calls row by row (assert_rollups_match_raw).
+SOME_PERIODS = {
+    n: PERIODS[n]
+    for n in ("open", "one-utc-month", "paris-month", "us-bounds-across-months", "sub-hour")
+}
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -220,7 +225,7 @@ def test_a_schema_1_store_is_recognised_upgraded_and_rolled_up(
     if rollups.lazy(engine):
         # Every call stored before is rolled up by the first catch-up.
         assert rollups.pending_rows(engine) == len(calls)
-    check_reports(tally, calls)
+    check_reports(tally, calls, SOME_PERIODS)
     assert_rollups_match_raw(engine)
     # New calls add up as usual; reopening rolls nothing up twice.
     more = seeded_calls(52)[:80]
@@ -248,7 +253,7 @@ def test_a_schema_2_store_is_recognised_and_stamped_without_rebuilding_its_rollu
         assert raw_table_rows(conn) == rollups_before
     if rollups.lazy(engine):
         assert int(meta_before[rollups.WATERMARK_KEY]) == len(calls) // 2
-    check_reports(tally, calls)
+    check_reports(tally, calls, SOME_PERIODS)
     assert_rollups_match_raw(engine)
 
 
@@ -511,3 +516,19 @@ def test_the_installed_command_upgrades_a_store(engine: Engine, store_url: str) 
     assert versions_recorded(engine) == [schema.head()]
     with engine.connect() as conn:
         assert len(conn.execute(select(usage_table.c.id)).all()) == 30
+
+
+@pytest.mark.postgres
+def test_messages_never_show_the_password(
+    pg_url: str, capsys: pytest.CaptureFixture[str], opened: list[Tally]
+) -> None:
+    url = pg_url.replace("postgres@", "postgres:s3cret-word@", 1)
+    assert "s3cret-word" in url  # the server trusts loopback: any password opens it
+    with pytest.raises(StoreNotUpgraded) as refused:
+        Tally(url, instrument=False, migrate=False)
+    assert "s3cret-word" not in str(refused.value) and "***" in str(refused.value)
+    assert "(with its password)" in str(refused.value)
+    assert main(["db", "upgrade", "--database-url", url]) == 0
+    assert main(["db", "current", "--database-url", url]) == 0
+    out = capsys.readouterr().out
+    assert "s3cret-word" not in out and out.count("postgres:***@") == 2

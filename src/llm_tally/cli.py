@@ -7,13 +7,17 @@ import csv
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable
-from typing import IO, Any
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import IO, TYPE_CHECKING, Any
 
 from ._money import nano_to_usd
 from ._time import TimeBound, from_epoch_us, parse_time_bound
 from .storage.engine import resolve_database_url
 from .storage.queries import ORDER_BY_VALUES
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 EXIT_USAGE = 2
 
@@ -151,16 +155,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _db_upgrade(args: argparse.Namespace) -> int:
     from .storage import schema
-    from .storage.engine import create_store_engine
 
-    url = resolve_database_url(args.database_url)
-    engine = create_store_engine(url)
-    try:
+    with _store_engine(resolve_database_url(args.database_url)) as engine:
         before = schema.upgrade_store(engine)
         after = schema.store_state(engine)
-    finally:
-        engine.dispose()
-    shown = _shown(url)
+        shown = schema.shown_url(engine)
     if before.ahead:
         print(f"{shown} is {before.describe()}: left as it is")
         return 1
@@ -175,22 +174,22 @@ def _db_upgrade(args: argparse.Namespace) -> int:
 
 def _db_current(args: argparse.Namespace) -> int:
     from .storage import schema
-    from .storage.engine import create_store_engine
 
-    url = _existing_store(args.database_url)
-    engine = create_store_engine(url)
-    try:
+    with _store_engine(_existing_store(args.database_url)) as engine:
         state = schema.store_state(engine)
-    finally:
-        engine.dispose()
-    print(f"{_shown(url)} is {state.describe()}")
+        print(f"{schema.shown_url(engine)} is {state.describe()}")
     return 0 if state.up_to_date else 1
 
 
-def _shown(url: str) -> str:
-    from sqlalchemy.engine import make_url
+@contextmanager
+def _store_engine(url: str) -> Iterator[Engine]:
+    from .storage.engine import create_store_engine
 
-    return make_url(url).render_as_string(hide_password=True)
+    engine = create_store_engine(url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
 
 
 def _prune(args: argparse.Namespace) -> int:

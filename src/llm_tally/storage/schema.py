@@ -127,7 +127,7 @@ def check_store(engine: Engine) -> StoreState:
     if state.ahead:
         _warn_ahead(engine, state)
     elif not state.up_to_date:
-        url = _shown(engine)
+        url = shown_url(engine)
         password = " (with its password)" if engine.url.password else ""
         raise StoreNotUpgraded(
             f"the llm-tally store {url} is {state.describe()}, and upgrading it at start is "
@@ -198,7 +198,8 @@ def _locked(engine: Engine) -> Iterator[Connection]:
         yield conn
 
 
-def _shown(engine: Engine) -> str:
+def shown_url(engine: Engine) -> str:
+    """The store's URL without its password, for messages."""
     return engine.url.render_as_string(hide_password=True)
 
 
@@ -206,6 +207,6 @@ def _warn_ahead(engine: Engine, state: StoreState) -> None:
     logger.warning(
         "llm-tally: the store %s is %s; it is used as it is. Upgrade llm-tally on every "
         "process that writes to it.",
-        _shown(engine),
+        shown_url(engine),
         state.describe(),
     )
