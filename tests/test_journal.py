@@ -22,8 +22,8 @@ import pytest
 from sqlalchemy import text
 
 from llm_tally import Tally
-from llm_tally.storage.engine import create_tables
 from llm_tally.storage.journal import SUFFIX, Journal, Segment, default_directory, read_frames
+from llm_tally.storage.schema import upgrade_store
 
 from .conftest import FakeServer
 
@@ -147,7 +147,7 @@ def test_a_full_queue_spills_to_the_journal_and_everything_arrives(
         stats = tally.stats()
         assert stats["spilled"] >= 45 and stats["dropped"] == 0, stats
         assert stats["queue_depth"] <= 2 * 5  # the queue, and the batch being retried
-        create_tables(tally.engine)
+        upgrade_store(tally.engine)
         assert tally.flush(timeout=30)
         stats = tally.stats()
         assert stats["written"] == 60 and stats["replayed"] == stats["spilled"], stats
@@ -170,7 +170,7 @@ def test_without_a_journal_a_full_queue_drops_and_counts(db_url: str) -> None:
             tally.record(user_id="u", model="gpt-4o-mini", input_tokens=1)
         assert time.perf_counter() - started < 5
         assert tally.stats()["dropped"] >= 6 and tally.stats()["spilled"] == 0
-        create_tables(tally.engine)
+        upgrade_store(tally.engine)
 
 
 @pytest.fixture
@@ -205,7 +205,7 @@ def test_queue_and_disk_both_full_drop_with_a_count_and_never_block(
         in_memory = 40_000 - stats["spilled"] - stats["dropped"]
         assert 0 < in_memory <= 2 * 10  # the queue and the batch being retried
         assert "dropped so far" in caplog.text and "wait in the journal" in caplog.text
-        create_tables(tally.engine)
+        upgrade_store(tally.engine)
         assert tally.flush(timeout=60)
         assert tally.count_records() == 40_000 - stats["dropped"]
 

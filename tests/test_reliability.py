@@ -17,7 +17,7 @@ from starlette.applications import Starlette
 from llm_tally import Tally
 from llm_tally._record import CallRecord, new_record_id
 from llm_tally.demo.serve import BackgroundServer
-from llm_tally.storage.engine import create_tables
+from llm_tally.storage.schema import upgrade_store
 
 from .conftest import serve_wsgi
 
@@ -93,7 +93,7 @@ def test_health_is_ok_then_degraded_while_the_store_fails(db_url: str) -> None:
         assert health["status"] == "degraded"
         assert "llm_tally_usage" in health["last_write_error"]
         assert health["queue_depth"] + health["written"] >= 1
-        create_tables(tally.engine)  # the store comes back: the record arrives
+        upgrade_store(tally.engine)  # the store comes back: the record arrives
         assert tally.flush(timeout=10)
         assert tally.health()["status"] == "ok"
         assert tally.count_records() == 1

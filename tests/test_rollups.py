@@ -47,6 +47,7 @@ from llm_tally.storage.models import (
     usage_table,
 )
 from llm_tally.storage.writer import COLUMNS, _insert_sqlite, row_of
+from tests.stores_0_1 import create_store
 from tests.test_insights import Call as InsightCall
 from tests.test_insights import anomaly_calls, anomaly_rows, expected_anomalies
 from tests.test_insights import seed as seed_insight_calls
@@ -1100,12 +1101,12 @@ def test_processes_writing_and_reading_one_store_count_every_call_once(
 
 
 def create_version_1_store(url: str, calls: list[Call]) -> None:
-    """A store as version 1 left it: the calls and the meta table, no rollups."""
+    """A store as version 1 left it: the calls and the meta table, no rollups (more cases
+    in test_migrations.py)."""
     engine = create_engine(url)
     try:
         with engine.begin() as conn:
-            usage_table.metadata.create_all(conn, tables=[usage_table, meta_table])
-            conn.execute(insert(meta_table).values(key="schema_version", value="1"))
+            create_store(conn, 1)
         insert_raw(engine, calls)
     finally:
         engine.dispose()

@@ -12,7 +12,7 @@ from sqlalchemy import text
 
 import llm_tally
 from llm_tally import Tally
-from llm_tally.storage.engine import create_tables
+from llm_tally.storage.schema import upgrade_store
 
 from .conftest import only_row, stored_rows
 
@@ -157,7 +157,7 @@ def test_a_failing_store_never_breaks_the_llm_call_and_records_arrive_later(
         stats = tally.stats()
         assert stats["write_errors"] >= 1 and "llm_tally_usage" in stats["last_write_error"]
         assert stats["dropped"] == 0
-        create_tables(tally.engine)  # ...the store comes back
+        upgrade_store(tally.engine)  # ...the store comes back
         assert tally.flush(timeout=10) is True
         assert tally.user_totals("u1").requests == 3
 

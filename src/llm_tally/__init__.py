@@ -21,6 +21,7 @@ from .middleware import LLMUsageMiddleware, LLMUsageWSGIMiddleware
 from .storage.analytics import GroupTotals
 from .storage.models import UsageRecord
 from .storage.queries import DayTotals, ModelTotals, UserTotals
+from .storage.schema import StoreNotUpgraded
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,7 @@ __all__ = [
     "LLMUsageMiddleware",
     "LLMUsageWSGIMiddleware",
     "ModelTotals",
+    "StoreNotUpgraded",
     "Tally",
     "UsageRecord",
     "UserTotals",

@@ -6,6 +6,7 @@ import atexit
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
@@ -32,14 +33,15 @@ from ._record import (
 from ._scope import OpenCall
 from ._time import TimeBound, bound_to_epoch_us, to_epoch_us
 from ._validation import check_properties, check_user_id
-from .storage import analytics, insights, queries, retention, rollups
+from .storage import analytics, insights, queries, retention, rollups, schema
 from .storage.analytics import GroupTotals
-from .storage.engine import create_store_engine, create_tables, resolve_database_url
+from .storage.engine import create_store_engine, resolve_database_url
 from .storage.journal import Journal, default_directory
 from .storage.queries import ORDER_BY_VALUES, DayTotals, ModelTotals, OrderBy, UserTotals
 from .storage.writer import BackgroundWriter, Row, row_of
 
 InjectStreamUsage = bool | Literal["auto"]
+Migrate = bool | Literal["auto"]
 
 _registry_lock = threading.RLock()
 _open_tallies: list[Tally] = []
@@ -76,6 +78,12 @@ class Tally:
     (HMAC-SHA256) of each user id instead of the id. Every method that takes a user id
     still takes the real one; results and the dashboard show pseudonyms, and
     :meth:`pseudonym` tells which one is whose. See docs/security.md.
+
+    ``migrate="auto"`` (or ``True``) creates the store's tables, or upgrades a store that an
+    older llm-tally wrote, when the Tally is created (several processes may do so at once).
+    With ``migrate=False`` the schema is never changed: a store that is not up to date
+    raises ``StoreNotUpgraded``, and ``llm-tally db upgrade`` upgrades it.
+    ``create_tables`` is the former name of ``migrate`` (deprecated).
     """
 
     def __init__(
@@ -84,7 +92,8 @@ class Tally:
         *,
         instrument: bool = True,
         inject_stream_usage: InjectStreamUsage = "auto",
-        create_tables: bool = True,
+        migrate: Migrate = "auto",
+        create_tables: bool | None = None,
         max_queue: int = 100_000,
         batch_size: int = 2_000,
         flush_interval: float = 0.05,
@@ -93,6 +102,7 @@ class Tally:
     ) -> None:
         if inject_stream_usage not in (True, False, "auto"):
             raise ValueError("inject_stream_usage must be True, False or 'auto'")
+        upgrade = _check_migrate(migrate, create_tables)
         for name, value in (("max_queue", max_queue), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -104,8 +114,11 @@ class Tally:
         self.database_url = resolve_database_url(database_url)
         self.inject_stream_usage: InjectStreamUsage = inject_stream_usage
         self.engine: Engine = create_store_engine(self.database_url)
-        if create_tables:
-            _create_tables(self.engine)
+        try:
+            schema.prepare(self.engine, migrate=upgrade)
+        except BaseException:
+            self.engine.dispose()
+            raise
         self._pricer = _pricing.Pricer()
         self._open_calls: set[OpenCall] = set()
         self._open_calls_lock = threading.Lock()
@@ -733,8 +746,25 @@ def _open_journal(journal: bool | str | os.PathLike[str], database_url: str) -> 
         return None
 
 
-def _create_tables(engine: Engine) -> None:
-    create_tables(engine)
+def _check_migrate(migrate: Migrate, create_tables: bool | None) -> bool:
+    """Whether to upgrade the store at start, from ``migrate`` and its former name."""
+    if migrate != "auto" and not isinstance(migrate, bool):
+        raise ValueError(
+            "migrate must be 'auto' (create or upgrade the store's tables at start) or False "
+            f"(never change them; `llm-tally db upgrade` does), got {migrate!r}"
+        )
+    if create_tables is None:
+        return migrate is not False
+    if not isinstance(create_tables, bool):
+        raise ValueError(f"create_tables must be True or False, got {create_tables!r}")
+    warnings.warn(
+        "Tally(create_tables=...) is deprecated: use migrate='auto' or migrate=False",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    if migrate is False and create_tables:
+        raise ValueError("create_tables=True contradicts migrate=False: pass migrate only")
+    return create_tables
 
 
 def _restart_writers_in_child() -> None:

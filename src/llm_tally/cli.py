@@ -1,4 +1,4 @@
-"""The ``llm-tally`` command line: ``demo``, ``report`` and ``export``."""
+"""The ``llm-tally`` command line: ``demo``, reports, ``export``, ``prune`` and ``db``."""
 
 from __future__ import annotations
 
@@ -7,13 +7,17 @@ import csv
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable
-from typing import IO, Any
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import IO, TYPE_CHECKING, Any
 
 from ._time import TimeBound, parse_time_bound
 from .storage.engine import resolve_database_url
 from .storage.queries import ORDER_BY_VALUES
 from .web.export import EXPORT_FIELDS, export_row, safe_row
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 EXIT_USAGE = 2
 
@@ -131,7 +135,61 @@ def _parser() -> argparse.ArgumentParser:
         "--before", required=True, help="the first day of a month, UTC (2026-01-01): kept"
     )
     prune.set_defaults(run=_prune)
+
+    db = commands.add_parser("db", help="the store's schema: its revision, upgrading it")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    upgrade = db_commands.add_parser(
+        "upgrade",
+        parents=[database],
+        help="create the store's tables, or upgrade them to this llm-tally's revision",
+    )
+    upgrade.set_defaults(run=_db_upgrade)
+    current = db_commands.add_parser(
+        "current",
+        parents=[database],
+        help="print the store's revision; exit code 1 when it needs `llm-tally db upgrade`",
+    )
+    current.set_defaults(run=_db_current)
     return parser
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from .storage import schema
+
+    with _store_engine(resolve_database_url(args.database_url)) as engine:
+        before = schema.upgrade_store(engine)
+        after = schema.store_state(engine)
+        shown = schema.shown_url(engine)
+    if before.ahead:
+        print(f"{shown} is {before.describe()}: left as it is")
+        return 1
+    if before.up_to_date:
+        print(f"{shown} is already at revision {after.revision} (up to date)")
+    elif before.revision is None and before.before_migrations is None:
+        print(f"{shown}: created llm-tally's tables at revision {after.revision}")
+    else:
+        print(f"{shown}: upgraded to revision {after.revision} (it was {before.describe()})")
+    return 0
+
+
+def _db_current(args: argparse.Namespace) -> int:
+    from .storage import schema
+
+    with _store_engine(_existing_store(args.database_url)) as engine:
+        state = schema.store_state(engine)
+        print(f"{schema.shown_url(engine)} is {state.describe()}")
+    return 0 if state.up_to_date else 1
+
+
+@contextmanager
+def _store_engine(url: str) -> Iterator[Engine]:
+    from .storage.engine import create_store_engine
+
+    engine = create_store_engine(url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
 
 
 def _prune(args: argparse.Namespace) -> int:
@@ -151,10 +209,15 @@ def _period(args: argparse.Namespace) -> tuple[TimeBound, TimeBound]:
 def _open_store(url: str | None) -> Any:
     from ._tally import Tally
 
+    return Tally(_existing_store(url), instrument=False)
+
+
+def _existing_store(url: str | None) -> str:
+    """The store's URL; a CliError rather than creating a SQLite file that is not there."""
     url = resolve_database_url(url)
     if url.startswith("sqlite:///") and not os.path.exists(url.removeprefix("sqlite:///")):
         raise CliError(f"no store at {url}: pass --database-url or set LLM_TALLY_DATABASE_URL")
-    return Tally(url, instrument=False)
+    return url
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -1,18 +1,17 @@
-"""Opening a store: the engine, SQLite tuning and table creation."""
+"""Opening a store: its URL, the engine and SQLite tuning (its schema: ``schema.py``)."""
 
 from __future__ import annotations
 
 import os
 import sqlite3
-import time
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, insert, inspect, select, update
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from . import rollups
-from .models import ROLLUP_TABLES, SCHEMA_VERSION, meta_table, usage_table
+from .models import ROLLUP_TABLES
+from .schema import upgrade_store
 
 DEFAULT_DATABASE_URL = "sqlite:///llm_tally.db"
 DATABASE_URL_VARIABLE = "LLM_TALLY_DATABASE_URL"
@@ -57,56 +56,11 @@ def create_store_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-def create_tables(engine: Engine) -> None:
-    """Create the tables if missing; safe when several processes open the same store at once."""
-    for attempt in range(5):
-        try:
-            with engine.begin() as conn:
-                _create(conn)
-            return
-        except (OperationalError, ProgrammingError, IntegrityError):
-            # Another process created the same table or row between our check and create.
-            if attempt == 4:
-                raise
-            time.sleep(0.05 * (attempt + 1))
-
-
-def _create(conn: Connection) -> None:
-    inspector = inspect(conn)
-    rollups_missing = not all(inspector.has_table(table.name) for table in ROLLUP_TABLES)
-    usage_table.metadata.create_all(conn, tables=[usage_table, meta_table, *ROLLUP_TABLES])
-    rollups.create_rollup_keys(conn)
-    meta = {
-        row.key: row.value for row in conn.execute(select(meta_table.c.key, meta_table.c.value))
-    }
-    if "schema_version" not in meta:
-        conn.execute(insert(meta_table).values(key="schema_version", value=str(SCHEMA_VERSION)))
-    elif int(meta["schema_version"]) < SCHEMA_VERSION:
-        conn.execute(
-            update(meta_table)
-            .where(meta_table.c.key == "schema_version")
-            .values(value=str(SCHEMA_VERSION))
-        )
-    if rollups_missing:
-        # New rollups (a store of schema 1), or some were dropped: build all of them again
-        # from the stored calls, so that none counts a call twice or misses one.
-        for table in ROLLUP_TABLES:
-            conn.execute(table.delete())
-    if rollups.lazy(conn.engine):
-        if rollups.WATERMARK_KEY not in meta:
-            conn.execute(insert(meta_table).values(key=rollups.WATERMARK_KEY, value="0"))
-        elif rollups_missing:
-            rollups.set_watermark(conn, 0)
-        # The next catch-up rolls up every stored call.
-    elif rollups_missing:
-        rollups.roll_up_everything(conn)
-
-
 def rebuild_rollups(engine: Engine) -> None:
     """Drop the rollup tables and build them again from the stored calls (after a change of
     their layout, or to repair them)."""
     with engine.begin() as conn:
         for table in reversed(ROLLUP_TABLES):
             table.drop(conn, checkfirst=True)
-    create_tables(engine)
+    upgrade_store(engine)
     rollups.catch_up(engine)

@@ -3,6 +3,10 @@
 Times are integer microseconds since the Unix epoch (UTC) and money is integer
 nano-USD: both compare and sum exactly and identically on SQLite and PostgreSQL,
 and stay compact over tens of millions of rows.
+
+These models are the newest revision of the schema. Stores are created and upgraded by
+the migrations in ``migrations/versions/``: change a table here and add a revision there
+(docs/migrations.md).
 """
 
 from __future__ import annotations
@@ -12,9 +16,6 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, Column, Index, Integer, String, Table
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import Field, SQLModel
-
-#: 1: calls and meta; 2: rollup tables.
-SCHEMA_VERSION = 2
 
 _JSON = JSON().with_variant(JSONB(), "postgresql")
 
@@ -58,7 +59,8 @@ class UsageRecord(SQLModel, table=True):
 
 
 class StoreMeta(SQLModel, table=True):
-    """Key/value facts about the store itself (schema version, for migrations)."""
+    """Key/value facts about the store itself (SQLite's rollup watermark; ``schema_version``
+    is what llm-tally 0.1 recorded, before revisions)."""
 
     __tablename__ = "llm_tally_meta"
 
@@ -100,7 +102,8 @@ def _measures() -> list[Column[Any]]:
 _metadata = SQLModel.metadata
 
 #: Per UTC hour, user, provider, operation, model and set of properties. The unique key is
-#: created by rollups.create_rollup_keys (PostgreSQL indexes a hash of the properties).
+#: not declared here (PostgreSQL indexes a hash of the properties): migration 0002 and
+#: rollups.create_rollup_keys create it.
 hourly_table = Table(
     "llm_tally_rollup_hourly",
     _metadata,
