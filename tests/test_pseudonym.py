@@ -66,6 +66,8 @@ def test_ids_are_stored_as_keyed_hashes_and_found_by_the_real_id(
             alice = tally.pseudonym("alice@example.com")
             by_pseudonym = http.get(f"/llm-usage/api/users/{alice}").json()
             page = http.get(f"/llm-usage/users/{alice}").text
+            # The real id works on the dashboard too: totals and recent calls are alice's.
+            by_email = http.get("/llm-usage/users/alice@example.com").text
         tally.record(user_id="carol@example.net", model="gpt-4o-mini", input_tokens=5)
         assert tally.flush(10)
         stored = everything_in(database)
@@ -80,6 +82,7 @@ def test_ids_are_stored_as_keyed_hashes_and_found_by_the_real_id(
     assert me["requests"] == 3 and me["user_id"] == alice
     assert {u["user_id"] for u in listed["users"]} == {tally.pseudonym(u) for u in USERS}
     assert by_pseudonym["requests"] == 3 and "alice@" not in page and alice in page
+    assert by_email.count("gpt-4o-mini") >= 3 and 'id="no-activity"' not in by_email
     with Tally(f"sqlite:///{database}", pseudonymize_key=KEY, journal=False) as again:
         assert again.user_totals("bob@example.org").requests == 2
         assert again.user_totals(again.pseudonym("bob@example.org")).requests == 2

@@ -921,7 +921,8 @@ def recent_calls(
 ) -> list[dict[str, Any]]:
     """The user's last ``count`` calls of the period, newest first."""
     since, until = (bound_to_epoch_us(b, "period") for b in (period.since, period.until))
-    return analytics.latest_records(tally.engine, user_id, since, until, count)
+    stored_id = tally.pseudonym(user_id) or user_id  # the id as stored (pseudonymised or not)
+    return analytics.latest_records(tally.engine, stored_id, since, until, count)
 
 
 def _properties_text(properties: Mapping[str, Any] | None) -> str:
