@@ -448,3 +448,41 @@ def test_prompts_and_completions_are_never_stored(tally: Tally, client: openai.O
     assert secret.encode() not in data
     answer = result.choices[0].message.content
     assert answer and answer.encode() not in data
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        {"prompt_tokens": 12, "completion_tokens": 30, "total_tokens": 42},
+        {
+            "prompt_tokens": 1200,
+            "completion_tokens": 300,
+            "total_tokens": 1500,
+            "prompt_tokens_details": {"cached_tokens": 1024, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 128, "audio_tokens": 0},
+        },
+        {
+            "prompt_tokens": 50,
+            "completion_tokens": 5,
+            "total_tokens": 55,
+            "prompt_tokens_details": {"cached_tokens": None},
+            "completion_tokens_details": None,
+        },
+        # An OpenAI-compatible provider's extra fields take the general reader.
+        {
+            "prompt_tokens": 100,
+            "completion_tokens": 10,
+            "total_tokens": 110,
+            "prompt_tokens_details": {"cached_tokens": 20, "cache_write_tokens": 30},
+        },
+        {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10, "cost": 0.001},
+    ],
+)
+def test_the_sdk_usage_object_reads_like_its_wire_form(wire: dict[str, Any]) -> None:
+    """read_usage has a fast path for the SDK's CompletionUsage (it runs on the caller's
+    path); it must read exactly what the general reader reads from the same JSON."""
+    from openai.types import CompletionUsage
+
+    from llm_tally.integrations.openai_usage import read_usage
+
+    assert read_usage(CompletionUsage.model_validate(wire)) == read_usage(wire)

@@ -125,6 +125,13 @@ def lock_sqlite_file(path: Path, seconds: float) -> subprocess.Popen[str]:
     return holder
 
 
+def release(holder: subprocess.Popen[str]) -> None:
+    """Wait for the lock holder to commit and exit."""
+    holder.wait(timeout=30)
+    assert holder.stdout is not None
+    holder.stdout.close()
+
+
 class Traffic:
     """CALLS_PER_SECOND chat calls charged to 20 users, through the real SDK, in a thread."""
 
@@ -222,7 +229,7 @@ def test_a_60_s_outage_of_both_stores_loses_nothing_and_never_blocks_the_app(
             seen[1] = during_outage(
                 traffics[1],
                 lambda: holder.append(lock_sqlite_file(sqlite_file, OUTAGE_SECONDS)),
-                lambda: holder[0].wait(timeout=30),
+                lambda: release(holder[0]),
             )
 
         other = threading.Thread(target=sqlite_outage)

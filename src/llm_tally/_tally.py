@@ -449,8 +449,8 @@ class Tally:
         the answer to one user (or model)."""
         if by not in ("user", "model"):
             raise ValueError(f"by must be 'user' or 'model', got {by!r}")
-        if by == "user" and key is not None:
-            key = self._who(key)
+        if by == "user" and key is not None and self._pseudonyms is not None:
+            key = self._pseudonyms.of(key)  # a key that is no valid id simply matches no one
         return insights.activity(self.engine, by, *_period(since, until), key=key)
 
     def anomalies(

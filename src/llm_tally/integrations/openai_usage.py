@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from openai.types import CompletionUsage
+
 _USAGE_KEY = b'"usage"'
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"]{1,256})"')
 
@@ -48,6 +50,10 @@ def read_usage(usage: Any) -> Usage | None:
     """Chat/Completions (``prompt_tokens``), Responses (``input_tokens``) or embeddings usage."""
     if usage is None:
         return None
+    if type(usage) is CompletionUsage:
+        found = _read_completion_usage(usage)
+        if found is not None:
+            return found
     prompt = _get(usage, "prompt_tokens")
     if prompt is None:
         prompt = _get(usage, "input_tokens")
@@ -70,6 +76,30 @@ def read_usage(usage: Any) -> Usage | None:
         cached_input_tokens=_int(_get(input_details, "cached_tokens")),
         cache_write_tokens=_int(cache_write),
         reasoning_tokens=_int(_get(output_details, "reasoning_tokens")),
+    )
+
+
+def _read_completion_usage(usage: CompletionUsage) -> Usage | None:
+    """The SDK's chat usage as OpenAI sends it, read directly: this runs on the caller's
+    path (the crash journal). None when it carries extra fields: the general reader."""
+    if usage.__pydantic_extra__:
+        return None
+    cached = cache_write = 0
+    prompt = usage.prompt_tokens_details
+    if prompt is not None:
+        if prompt.__pydantic_extra__:
+            return None
+        fields = prompt.__dict__
+        cached = _int(fields.get("cached_tokens"))
+        # Not sent by OpenAI itself; some SDK versions declare it for compatible providers.
+        cache_write = _int(fields.get("cache_write_tokens") or fields.get("cache_creation_tokens"))
+    completion = usage.completion_tokens_details
+    return Usage(
+        input_tokens=_int(usage.prompt_tokens),
+        output_tokens=_int(usage.completion_tokens),
+        cached_input_tokens=cached,
+        cache_write_tokens=cache_write,
+        reasoning_tokens=_int(completion.reasoning_tokens) if completion is not None else 0,
     )
 
 
