@@ -479,10 +479,11 @@ def test_prompts_and_completions_are_never_stored(tally: Tally, client: openai.O
     ],
 )
 def test_the_sdk_usage_object_reads_like_its_wire_form(wire: dict[str, Any]) -> None:
-    """read_usage has a fast path for the SDK's CompletionUsage (it runs on the caller's
+    """usage_counts has a fast path for the SDK's CompletionUsage (it runs on the caller's
     path); it must read exactly what the general reader reads from the same JSON."""
     from openai.types import CompletionUsage
 
-    from llm_tally.integrations.openai_usage import read_usage
+    from llm_tally.integrations.openai_usage import usage_counts
 
-    assert read_usage(CompletionUsage.model_validate(wire)) == read_usage(wire)
+    counts = usage_counts(CompletionUsage.model_validate(wire))
+    assert counts is not None and counts == usage_counts(wire)

@@ -85,6 +85,8 @@ class CallRecord:
 
 
 # Journal entries: a version, then CallRecord's fields in order (plain values, marshallable).
+# Bump the version when CallRecord's fields change: entries of another version are not
+# replayed (each is counted as a "journal replay" internal error).
 ENTRY_VERSION = 1
 _record_values = operator.attrgetter(*(f.name for f in fields(CallRecord)))
 

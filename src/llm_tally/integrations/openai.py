@@ -53,7 +53,7 @@ from .openai_usage import (
     Usage,
     read_body,
     read_truncated_body,
-    read_usage,
+    usage_counts,
 )
 
 if TYPE_CHECKING:
@@ -458,17 +458,11 @@ class _Call:
         if record_id is None:
             record_id = self.record_id = new_record_id(self.ts_us)
         usage = self.usage
-        found = usage if usage is None or isinstance(usage, Usage) else read_usage(usage)
+        found = None if usage is None else usage_counts(usage)
         cost_nano: int | None = None
         cost_source: str | None = None
         if found is not None:
-            tokens = (
-                found.input_tokens,
-                found.output_tokens,
-                found.cached_input_tokens,
-                found.cache_write_tokens,
-                found.reasoning_tokens,
-            )
+            tokens = found
             usage_source = USAGE_PROVIDER
         else:
             tokens = _NO_TOKENS

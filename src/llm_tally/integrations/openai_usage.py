@@ -50,10 +50,6 @@ def read_usage(usage: Any) -> Usage | None:
     """Chat/Completions (``prompt_tokens``), Responses (``input_tokens``) or embeddings usage."""
     if usage is None:
         return None
-    if type(usage) is CompletionUsage:
-        found = _read_completion_usage(usage)
-        if found is not None:
-            return found
     prompt = _get(usage, "prompt_tokens")
     if prompt is None:
         prompt = _get(usage, "input_tokens")
@@ -79,27 +75,45 @@ def read_usage(usage: Any) -> Usage | None:
     )
 
 
-def _read_completion_usage(usage: CompletionUsage) -> Usage | None:
-    """The SDK's chat usage as OpenAI sends it, read directly: this runs on the caller's
-    path (the crash journal). None when it carries extra fields: the general reader."""
-    if usage.__pydantic_extra__:
+Counts = tuple[int, int, int, int, int]
+
+
+def usage_counts(usage: Any) -> Counts | None:
+    """``(input, output, cached input, cache write, reasoning)`` tokens of an SDK usage
+    object, or None. It runs on the caller's path (the crash journal): the SDK's chat usage
+    as OpenAI sends it is read directly, anything else by :func:`read_usage`."""
+    if type(usage) is CompletionUsage and not usage.__pydantic_extra__:
+        prompt = usage.prompt_tokens_details
+        if prompt is None or not prompt.__pydantic_extra__:
+            cached: int = 0
+            cache_write: int | None = 0
+            if prompt is not None:
+                fields = prompt.__dict__
+                cached = fields.get("cached_tokens") or 0
+                # Not sent by OpenAI; some SDK versions declare it for compatible providers.
+                cache_write = fields.get("cache_write_tokens") or fields.get(
+                    "cache_creation_tokens"
+                )
+            completion = usage.completion_tokens_details
+            reasoning = (completion.reasoning_tokens or 0) if completion is not None else 0
+            counts = (
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                cached,
+                cache_write or 0,
+                reasoning,
+            )
+            if min(counts) >= 0:
+                return counts
+    found = usage if isinstance(usage, Usage) else read_usage(usage)
+    if found is None:
         return None
-    cached = cache_write = 0
-    prompt = usage.prompt_tokens_details
-    if prompt is not None:
-        if prompt.__pydantic_extra__:
-            return None
-        fields = prompt.__dict__
-        cached = _int(fields.get("cached_tokens"))
-        # Not sent by OpenAI itself; some SDK versions declare it for compatible providers.
-        cache_write = _int(fields.get("cache_write_tokens") or fields.get("cache_creation_tokens"))
-    completion = usage.completion_tokens_details
-    return Usage(
-        input_tokens=_int(usage.prompt_tokens),
-        output_tokens=_int(usage.completion_tokens),
-        cached_input_tokens=cached,
-        cache_write_tokens=cache_write,
-        reasoning_tokens=_int(completion.reasoning_tokens) if completion is not None else 0,
+    return (
+        found.input_tokens,
+        found.output_tokens,
+        found.cached_input_tokens,
+        found.cache_write_tokens,
+        found.reasoning_tokens,
     )
 
 
