@@ -433,3 +433,17 @@ def test_a_tally_created_before_fork_records_in_each_child(store_url: str) -> No
         assert tally.count_records() == 601
         assert [tally.user_totals(f"child-{c}").requests for c in range(3)] == [200] * 3
         assert tally.user_totals("parent").cost_usd == Decimal("0.01")
+
+
+def test_only_stale_unfinished_segments_are_cleaned_up(tmp_path: Path) -> None:
+    """A segment is opened, then locked: another process must not delete it in between."""
+    fresh, stale = tmp_path / ".fresh.tmp", tmp_path / ".stale.tmp"
+    fresh.write_bytes(b"")
+    stale.write_bytes(b"")
+    os.utime(stale, (time.time() - 120, time.time() - 120))
+    journal = Journal(tmp_path)
+    try:
+        assert list(journal.abandoned()) == []
+        assert fresh.exists() and not stale.exists()
+    finally:
+        journal.close(delete=True)

@@ -28,6 +28,7 @@ import mmap
 import os
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -152,6 +153,13 @@ def read_frames(data: bytes | mmap.mmap, only_spilled: bool = False) -> Iterator
         position = stop
 
 
+def _age_seconds(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
 def _remove_if_unlocked(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -226,7 +234,10 @@ class Journal:
     def abandoned(self) -> Iterator[Segment]:
         """Segments whose process is gone, each locked by us now (skip ones in use)."""
         for path in self.directory.glob(".*.tmp"):
-            _remove_if_unlocked(path)  # a process died while creating it: it holds nothing
+            # Left by a process that died while creating a segment: it holds no record. A
+            # fresh one is being created right now (and locked only after it is opened).
+            if _age_seconds(path) > 60:
+                _remove_if_unlocked(path)
         for path in sorted(self.directory.glob(f"*{SUFFIX}")):
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
