@@ -10,12 +10,14 @@ first upgrades it, the others wait and then find it up to date.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import Connection, Engine, Table, insert, inspect, select, text
+from sqlalchemy.exc import OperationalError
 
 from .._internal import logger
 from . import rollups
@@ -115,10 +117,21 @@ def store_state(engine: Engine) -> StoreState:
 
 def prepare(engine: Engine, *, migrate: bool) -> None:
     """At start: upgrade the store (``migrate``), or check that it is up to date."""
-    if migrate:
-        upgrade_store(engine)
-    else:
-        check_store(engine)
+    for attempt in range(5):
+        try:
+            if migrate:
+                upgrade_store(engine)
+            else:
+                check_store(engine)
+            return
+        except OperationalError as exc:
+            # SQLite answers "database is locked" at once, without its busy timeout, to a
+            # connection switching a new file to WAL while another process or thread opens
+            # it too: several workers starting together. Try again shortly.
+            locked = engine.dialect.name == "sqlite" and "locked" in str(exc)
+            if not locked or attempt == 4:
+                raise
+            time.sleep(0.05 * 2**attempt)
 
 
 def check_store(engine: Engine) -> StoreState:
