@@ -105,15 +105,11 @@ class _FlushMarker:
         self.done = threading.Event()
 
 
-def _journal_payload(item: Any, spilled: bool) -> bytes:
-    """The journal frame's payload of a record, or of a call still to be turned into one.
-
-    A call's entry is made cheaply on the caller's path; one that waits only in the journal
-    (spilled) is completed first, so that its usage is not left unknown.
-    """
-    if spilled and not isinstance(item, CallRecord):
-        item = item.to_record()
-    return marshal.dumps(item.journal_entry(), 2)
+def _spilled_payload(item: Any) -> bytes:
+    """The journal payload of a record that will wait only in the journal: a call is turned
+    into its record first, so that its usage (a raw body, an estimate) is not left unknown."""
+    record = item if isinstance(item, CallRecord) else item.to_record()
+    return marshal.dumps(record.journal_entry(), 2)
 
 
 def _decode(payload: bytes) -> CallRecord:
@@ -165,13 +161,17 @@ class BackgroundWriter:
         # SQLite: rows this writer stored that may not be rolled up yet (a read may have
         # rolled them up since; then catching up finds nothing to do).
         self._not_rolled_up = 0
+        self._stopping = False
+        self._start(name)
+
+    def _start(self, name: str) -> None:
+        """Empty queue and counters, and the thread that stores what gets queued."""
         self._queue: deque[Any] = deque()
         self._in_flight = 0
         # Journal segments to store from (spilled records, or another process's leftovers),
         # each with whether only its spilled records are missing from the store.
         self._to_replay: list[tuple[Segment, bool]] = []
         self._wake = threading.Event()
-        self._stopping = False
         self.stats = WriterStats()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -180,16 +180,10 @@ class BackgroundWriter:
         """After ``fork()``: the child has no writer thread and must not write into the
         parent's journal files or reuse its connections. Start afresh; what the parent
         queued is the parent's to store."""
-        self._queue = deque()
-        self._in_flight = 0
-        self._to_replay = []
-        self._wake = threading.Event()
-        self.stats = WriterStats()
         if self._journal is not None:
             self._journal = self._journal.reopen_in_child()
         self._engine.dispose(close=False)
-        self._thread = threading.Thread(target=self._run, name=self._thread.name, daemon=True)
-        self._thread.start()
+        self._start(self._thread.name)
 
     def submit(self, item: Any) -> None:
         journal = self._journal
@@ -204,7 +198,10 @@ class BackgroundWriter:
         queue = self._queue
         full = len(queue) >= self._max_queue
         try:
-            payload: bytes | None = _journal_payload(item, full)
+            if full:
+                payload: bytes | None = _spilled_payload(item)
+            else:
+                payload = marshal.dumps(item.journal_entry(), 2)
         except Exception as exc:
             report_internal_error("journal entry", exc)
             payload = None
@@ -310,8 +307,10 @@ class BackgroundWriter:
             self._wake.clear()
             failed = False
             while self._queue or pending:
-                # A batch that failed is retried as it is: the queue stays the memory bound.
-                while self._queue and len(pending) < self._batch_size and not (backoff and pending):
+                # A batch takes only what is queued now (the app keeps queueing meanwhile), and
+                # one that failed is retried as it is: memory stays within twice the queue.
+                take = 0 if backoff and pending else self._batch_size - len(pending)
+                for _ in range(min(take, len(self._queue))):
                     item = self._queue.popleft()
                     if isinstance(item, _FlushMarker):
                         markers.append(item)
