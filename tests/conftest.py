@@ -137,6 +137,15 @@ def pg_url() -> Iterator[str]:
     yield POSTGRES_URL
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_url(request: pytest.FixtureRequest, db_url: str) -> str:
+    """Each store llm-tally supports, empty: a SQLite file, then the real PostgreSQL."""
+    if request.param == "sqlite":
+        return db_url
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         pass

@@ -7,7 +7,8 @@ OpenAI call to the fake provider at ``$TEST_LLM_URL``, charged to the ``user`` q
 parameter with the properties ``plan``, ``feature``, ``n`` (the request's marker) and
 ``worker`` (the serving process id); the response echoes ``n`` and ``worker``, so a test
 knows which calls were answered, by whom, and what each must cost. ``$TEST_DB_URL`` is the
-store; ``$TEST_FLUSH_INTERVAL`` the writer's interval.
+store; ``$TEST_FLUSH_INTERVAL`` the writer's interval; ``$TEST_JOURNAL=off`` turns the crash
+journal off.
 
 Query parameters: ``n``, ``user``, ``plan``, ``feature``, ``model``, ``kind`` (``chat`` or
 ``chat_stream``), ``words`` (prompt length), ``max_tokens``, ``cache_hit``.
@@ -77,7 +78,8 @@ async def ask_async(params: Mapping[str, str]) -> dict[str, str]:
 
 def open_tally() -> Tally:
     interval = float(os.environ.get("TEST_FLUSH_INTERVAL", "0.05"))
-    return Tally(os.environ["TEST_DB_URL"], flush_interval=interval)
+    journal = os.environ.get("TEST_JOURNAL", "on") != "off"
+    return Tally(os.environ["TEST_DB_URL"], flush_interval=interval, journal=journal)
 
 
 def make_fastapi_app() -> FastAPI:

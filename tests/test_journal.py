@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
-import httpx2
 import openai
 import pytest
 from sqlalchemy import text
@@ -26,14 +22,7 @@ from llm_tally.storage.journal import SUFFIX, Journal, Segment, default_director
 from llm_tally.storage.schema import upgrade_store
 
 from .conftest import FakeServer
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def store_url(request: pytest.FixtureRequest, db_url: str) -> str:
-    if request.param == "sqlite":
-        return db_url
-    url: str = request.getfixturevalue("pg_url")
-    return url
+from .servers import free_port, load_then_signal, python_command, serve
 
 
 def segments_of(tally: Tally) -> list[Path]:
@@ -246,108 +235,36 @@ def test_a_process_that_dies_after_storing_is_replayed_without_double_counting(
     assert not any(path.exists() for path in left)
 
 
-KILL_APP = """
-import os
-
-import openai
-from fastapi import FastAPI
-
-import llm_tally
-from llm_tally import Tally
-
-# A long flush interval: nothing is stored before the kill; only the journal can save them.
-tally = Tally(
-    os.environ["TEST_DB_URL"], flush_interval=30, journal=os.environ["TEST_JOURNAL"] != "off"
-)
-app = FastAPI()
-tally.init_app(app)
-client = openai.AsyncOpenAI(base_url=os.environ["TEST_LLM_URL"], api_key="k", max_retries=0)
-
-
-@app.get("/ask/{n}")
-async def ask(n: str) -> dict[str, str]:
-    llm_tally.bind_user(f"user-{int(n) % 7}")
-    llm_tally.tag(n=n)
-    if int(n) % 3:
-        reply = await client.chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": f"question {n}"}]
-        )
-    else:
-        stream = await client.chat.completions.create(
-            model="gpt-4o-mini",
-            messages=[{"role": "user", "content": f"question {n}"}],
-            stream=True,
-        )
-        async for _ in stream:
-            pass
-    return {"n": n}
-"""
-
-
-def kill_under_load(tmp_path: Path, db_url: str, llm_url: str, journal: str = "on") -> set[str]:
-    """Run KILL_APP in uvicorn, call it from 8 threads, SIGKILL it once 300 calls were
-    answered; returns the ``n`` of every answered call."""
-    (tmp_path / "kill_app.py").write_text(KILL_APP)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "TEST_DB_URL": db_url, "TEST_LLM_URL": llm_url, "TEST_JOURNAL": journal}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "kill_app:app", "--port", str(port)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+def kill_under_load(db_url: str, llm_url: str, journal: str = "on") -> set[str]:
+    """Serve tests.served_app in uvicorn with a 30 s flush interval (nothing is stored before
+    the kill: only the journal can save the calls), call it from 8 threads, plain calls and
+    streams, and SIGKILL it once 300 calls were answered; the ``n`` of every answered call."""
+    port = free_port()
+    command = python_command(
+        "-m", "uvicorn", "--factory", "tests.served_app:make_fastapi_app", "--port", str(port)
     )
-    base = f"http://127.0.0.1:{port}"
-    answered: set[str] = set()
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx2.get(f"{base}/docs", timeout=1)
-                break
-            except httpx2.TransportError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise AssertionError("uvicorn did not start") from None
-                time.sleep(0.05)
-        lock = threading.Lock()
-        counter = iter(range(1_000_000))
-        stop = threading.Event()
-
-        def client() -> None:
-            with httpx2.Client(base_url=base, timeout=10) as http:
-                while not stop.is_set():
-                    n = str(next(counter))
-                    try:
-                        response = http.get(f"/ask/{n}")
-                    except httpx2.TransportError:
-                        return  # killed
-                    if response.status_code == 200:
-                        with lock:
-                            answered.add(response.json()["n"])
-
-        clients = [threading.Thread(target=client) for _ in range(8)]
-        for thread in clients:
-            thread.start()
-        while len(answered) < 300:
-            time.sleep(0.005)
-        server.send_signal(signal.SIGKILL)
-        server.wait(timeout=30)
-        stop.set()
-        for thread in clients:
-            thread.join(timeout=10)
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+    env = {
+        "TEST_DB_URL": db_url,
+        "TEST_LLM_URL": llm_url,
+        "TEST_FLUSH_INTERVAL": "30",
+        "TEST_JOURNAL": journal,
+    }
+    with serve(command, port, env) as server:
+        server.wait_ready()
+        kinds = ("chat", "chat", "chat_stream")
+        answered, _ = load_then_signal(
+            server,
+            lambda n: f"/ask?n={n}&user=user-{n % 7}&kind={kinds[n % 3]}",
+            answered_before_signal=300,
+            sig=signal.SIGKILL,
+        )
     return answered
 
 
 def test_kill_9_under_load_loses_no_call_that_returned_to_the_app(
-    tmp_path: Path, store_url: str, fake_llm: FakeServer
+    store_url: str, fake_llm: FakeServer
 ) -> None:
-    answered = kill_under_load(tmp_path, store_url, fake_llm.base_url)
+    answered = kill_under_load(store_url, fake_llm.base_url)
     with Tally(store_url, instrument=False) as tally:
         assert tally.flush(60)
         records = list(tally.iter_records())
@@ -361,9 +278,9 @@ def test_kill_9_under_load_loses_no_call_that_returned_to_the_app(
     assert all(usage[n][1] == "ok" and usage[n][0] > 0 for n in answered), usage
 
 
-def test_without_the_journal_kill_9_loses_calls(tmp_path: Path, db_url: str, fake_llm: Any) -> None:
+def test_without_the_journal_kill_9_loses_calls(db_url: str, fake_llm: FakeServer) -> None:
     """The control experiment: the same kill with the journal off loses answered calls."""
-    answered = kill_under_load(tmp_path, db_url, fake_llm.base_url, journal="off")
+    answered = kill_under_load(db_url, fake_llm.base_url, journal="off")
     with Tally(db_url, instrument=False) as tally:
         assert tally.flush(60)
         stored = {record["properties"]["n"] for record in tally.iter_records()}

@@ -39,14 +39,6 @@ def a_record(user_id: str, ts: datetime, cost_nano: int) -> CallRecord:
     )
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def store_url(request: pytest.FixtureRequest, db_url: str) -> str:
-    if request.param == "sqlite":
-        return db_url
-    url: str = request.getfixturevalue("pg_url")
-    return url
-
-
 def test_a_record_written_twice_is_stored_and_counted_once(store_url: str) -> None:
     when = datetime(2026, 11, 5, 10, 30, tzinfo=UTC)
     first, second = a_record("u1", when, 1_000), a_record("u1", when, 2_000)
