@@ -1,13 +1,16 @@
-"""Shared helpers of the benchmark scripts (machine info, statistics, table printing)."""
+"""Shared helpers of the benchmark scripts (machine info, statistics, table printing, a
+mock-served chat client)."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
 import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 PACKAGES = ("llm-tally", "openai", "httpx2", "sqlalchemy", "sqlmodel", "genai-prices")
 
@@ -79,3 +82,46 @@ def _cell(value: object) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
+
+
+# A small chat completion with usage, as OpenAI sends it.
+CHAT_BODY = json.dumps(
+    {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 1764000000,
+        "model": "gpt-4o-mini-2024-07-18",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Paris is the capital of France."},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {
+            "prompt_tokens": 41,
+            "completion_tokens": 8,
+            "total_tokens": 49,
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
+        },
+    }
+).encode()
+
+
+def mock_chat_client() -> Any:
+    """A sync ``openai.OpenAI`` for OpenAI's API whose every answer is CHAT_BODY, in memory."""
+    import httpx2
+    import openai
+
+    return openai.OpenAI(
+        base_url="https://api.openai.com/v1",
+        api_key="sk-bench",
+        http_client=httpx2.Client(
+            transport=httpx2.MockTransport(
+                lambda request: httpx2.Response(
+                    200, content=CHAT_BODY, headers={"content-type": "application/json"}
+                )
+            )
+        ),
+    )

@@ -21,7 +21,6 @@ hour), so the counts are the caller's path: the hooks, and the journal.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import subprocess
 import sys
@@ -31,50 +30,15 @@ from pathlib import Path
 
 MODES = ("bare", "no journal", "journal")
 
-BODY = json.dumps(
-    {
-        "id": "chatcmpl-bench",
-        "object": "chat.completion",
-        "created": 1764000000,
-        "model": "gpt-4o-mini-2024-07-18",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": "Paris is the capital of France."},
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": {
-            "prompt_tokens": 41,
-            "completion_tokens": 8,
-            "total_tokens": 49,
-            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
-        },
-    }
-)
-
 
 def run_calls(mode: str, calls: int, directory: str) -> None:
     """The measured process: ``calls`` sync chat calls in ``mode``."""
-    import httpx2
-    import openai
+    from _common import mock_chat_client
 
     import llm_tally
     from llm_tally import Tally
 
-    content = BODY.encode()
-    client = openai.OpenAI(
-        base_url="https://api.openai.com/v1",
-        api_key="sk-bench",
-        http_client=httpx2.Client(
-            transport=httpx2.MockTransport(
-                lambda request: httpx2.Response(
-                    200, content=content, headers={"content-type": "application/json"}
-                )
-            )
-        ),
-    )
+    client = mock_chat_client()
     Tally(  # the process default: records every call below
         f"sqlite:///{directory}/bench.db",
         flush_interval=3600.0,

@@ -21,58 +21,22 @@ path are timed on those very calls, in a tight loop, best of ``--rounds``:
 from __future__ import annotations
 
 import argparse
-import json
 import marshal
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx2
-import openai
-from _common import print_machine_info
+from _common import mock_chat_client, print_machine_info
 
 import llm_tally
 from llm_tally import Tally
 from llm_tally.storage.journal import Journal
 
-BODY = json.dumps(
-    {
-        "id": "chatcmpl-bench",
-        "object": "chat.completion",
-        "created": 1764000000,
-        "model": "gpt-4o-mini-2024-07-18",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": "Paris is the capital of France."},
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": {
-            "prompt_tokens": 41,
-            "completion_tokens": 8,
-            "total_tokens": 49,
-            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
-        },
-    }
-).encode()
-
 
 def finished_calls(directory: Path, calls: int) -> list[Any]:
     """``calls`` real SDK calls, recorded and left in the queue of an idle writer."""
-    client = openai.OpenAI(
-        base_url="https://api.openai.com/v1",
-        api_key="sk-bench",
-        http_client=httpx2.Client(
-            transport=httpx2.MockTransport(
-                lambda request: httpx2.Response(
-                    200, content=BODY, headers={"content-type": "application/json"}
-                )
-            )
-        ),
-    )
+    client = mock_chat_client()
     tally = Tally(
         f"sqlite:///{directory / 'bench.db'}",
         flush_interval=3600.0,
