@@ -290,11 +290,6 @@ class BackgroundWriter:
     def journal(self) -> Journal | None:
         return self._journal
 
-    @property
-    def spill_waiting(self) -> bool:
-        """Whether records wait in the journal that are neither queued nor stored."""
-        return self._spill_outstanding()
-
     def _run(self) -> None:
         if self._journal is not None:
             guard("journal replay", self._adopt_abandoned)
@@ -358,13 +353,15 @@ class BackgroundWriter:
 
     def _release(self, markers: list[_FlushMarker]) -> list[_FlushMarker]:
         """Wake flushers, unless spilled records still wait in the journal (then keep them)."""
-        if markers and not self._spill_outstanding():
+        if markers and not self.spill_waiting:
             for marker in markers:
                 marker.done.set()
             return []
         return markers
 
-    def _spill_outstanding(self) -> bool:
+    @property
+    def spill_waiting(self) -> bool:
+        """Whether records wait in the journal that are neither queued nor stored."""
         journal = self._journal
         if journal is None:
             return False
