@@ -313,10 +313,7 @@ class Tally:
 
     def pseudonym(self, user_id: str | int | None) -> str | None:
         """The id stored for ``user_id``: its pseudonym when ``pseudonymize_key`` is set,
-        else the id itself (as a str)."""
-        return self._who(user_id)
-
-    def _who(self, user_id: str | int | None) -> str | None:
+        else the id itself (as a str). Raises ValueError for an id that cannot be stored."""
         checked = check_user_id(user_id)
         return checked if self._pseudonyms is None else self._pseudonyms.of(checked)
 
@@ -328,7 +325,7 @@ class Tally:
         ``user_id=None`` gives the calls made outside any user context. Only stored records
         count: call :meth:`flush` first to include calls that just happened.
         """
-        return queries.user_totals(self.engine, self._who(user_id), *_period(since, until))
+        return queries.user_totals(self.engine, self.pseudonym(user_id), *_period(since, until))
 
     def users(
         self,
@@ -358,13 +355,13 @@ class Tally:
         self, user_id: str | int | None, since: TimeBound = None, until: TimeBound = None
     ) -> list[ModelTotals]:
         """One user's totals per model, most expensive first."""
-        return queries.by_model(self.engine, self._who(user_id), *_period(since, until))
+        return queries.by_model(self.engine, self.pseudonym(user_id), *_period(since, until))
 
     def user_daily(
         self, user_id: str | int | None, since: TimeBound = None, until: TimeBound = None
     ) -> list[DayTotals]:
         """One user's totals per UTC day, oldest first."""
-        return queries.daily(self.engine, self._who(user_id), *_period(since, until))
+        return queries.daily(self.engine, self.pseudonym(user_id), *_period(since, until))
 
     def totals_by(
         self, dimension: str, since: TimeBound = None, until: TimeBound = None
@@ -405,7 +402,7 @@ class Tally:
         as stored.
         """
         return analytics.iter_records(
-            self.engine, *_period(since, until), user_id=self._who(user_id)
+            self.engine, *_period(since, until), user_id=self.pseudonym(user_id)
         )
 
     def count_records(
@@ -413,7 +410,7 @@ class Tally:
     ) -> int:
         """How many calls were stored in ``[since, until)`` (of one user if given)."""
         return analytics.count_records(
-            self.engine, *_period(since, until), user_id=self._who(user_id)
+            self.engine, *_period(since, until), user_id=self.pseudonym(user_id)
         )
 
     def profitability(
@@ -497,7 +494,7 @@ class Tally:
     ) -> list[dict[str, Any]]:
         """The costliest stored calls of the period (of one user if given)."""
         return insights.expensive_calls(
-            self.engine, *_period(since, until), self._who(user_id), _check_limit(limit)
+            self.engine, *_period(since, until), self.pseudonym(user_id), _check_limit(limit)
         )
 
     def expensive_pairs(
@@ -513,7 +510,7 @@ class Tally:
             self.engine,
             _check_dimension(dimension),
             *_period(since, until),
-            self._who(user_id),
+            self.pseudonym(user_id),
             _check_limit(limit),
         )
 
