@@ -3,6 +3,7 @@ on disk when the queue is full, replays never double-count, and no prompt reache
 
 from __future__ import annotations
 
+import marshal
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 from sqlalchemy import text
 
 from llm_tally import Tally
+from llm_tally._record import ENTRY_VERSION, CallRecord, new_record_id, record_from_entry
 from llm_tally.storage.journal import SUFFIX, Journal, Segment, default_directory, read_frames
 from llm_tally.storage.schema import upgrade_store
 
@@ -87,12 +89,49 @@ def test_frames_end_at_the_first_torn_or_corrupt_frame(tmp_path: Path) -> None:
     frame = 8 + len(b"record 0")
     third = 8 + 2 * frame
     torn = bytearray(data)
-    torn[third : third + 8] = bytes(8)  # killed after the payload, before the header
+    torn[third + 10 : third + frame] = bytes(frame - 10)  # killed in the middle of the copy
     assert list(read_frames(bytes(torn))) == [b"record 0", b"record 1"]
+    no_header = bytearray(data)
+    no_header[third : third + 8] = bytes(8)  # a copy that had not reached the header yet
+    assert list(read_frames(bytes(no_header))) == [b"record 0", b"record 1"]
     corrupt = bytearray(data)
-    corrupt[third + 8] ^= 0xFF  # killed in the middle of the header: the checksum fails
+    corrupt[third + 8] ^= 0xFF
     assert list(read_frames(bytes(corrupt))) == [b"record 0", b"record 1"]
     assert list(read_frames(b"not a journal" + bytes(data[8:]))) == []
+
+
+def test_a_journal_entry_holds_every_field_of_a_record() -> None:
+    # Every field has a value of its own, so that a field read into the wrong place shows.
+    record = CallRecord(
+        id=new_record_id(),
+        ts_us=1_764_201_600_000_001,
+        user_id="user-1",
+        properties={"plan": "pro", "feature": "chat"},
+        provider="openai",
+        operation="chat",
+        request_model="gpt-4o-mini",
+        response_model="gpt-4o-mini-2024-07-18",
+        input_tokens=1,
+        output_tokens=2,
+        cached_input_tokens=3,
+        cache_write_tokens=4,
+        reasoning_tokens=5,
+        cost_nano_usd=6,
+        cost_source="genai-prices",
+        latency_us=7,
+        ttft_us=8,
+        status="error",
+        error_type="APIStatusError",
+        http_status=500,
+        retries=9,
+        usage_source="estimated",
+        request_id="req_0123",
+        base_url="https://example.test/v1",
+    )
+    payload = marshal.dumps(record.journal_entry(), 2)
+    assert record_from_entry(marshal.loads(payload)) == record
+    with pytest.raises(ValueError, match="journal entry"):
+        record_from_entry((ENTRY_VERSION + 1, *marshal.loads(payload)[1:]))
 
 
 def test_a_segment_in_use_is_not_replayed_by_another_journal(tmp_path: Path) -> None:

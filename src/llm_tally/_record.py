@@ -6,7 +6,7 @@ import itertools
 import operator
 import os
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 STATUS_OK = "ok"
@@ -37,7 +37,17 @@ def new_record_id(ts_us: int | None = None) -> str:
     """A 32-hex-digit id: time-ordered (good for B-tree inserts) and unique across processes
     (a random 32-bit prefix per process, then a per-process sequence)."""
     ts_ns = time.time_ns() if ts_us is None else ts_us * 1000
-    return f"{ts_ns:016x}{_id_prefix}{next(_id_sequence) & 0xFFFFFFFF:08x}"
+    return format_record_id(ts_ns // 1000, _id_prefix, next(_id_sequence))
+
+
+def new_record_sequence() -> tuple[str, int]:
+    """The parts of a new record id, formatted later by :func:`format_record_id`: formatting
+    is left off the caller's path."""
+    return _id_prefix, next(_id_sequence)
+
+
+def format_record_id(ts_us: int, prefix: str, sequence: int) -> str:
+    return f"{ts_us * 1000:016x}{prefix}{sequence & 0xFFFFFFFF:08x}"
 
 
 class PendingRecord(Protocol):
@@ -81,18 +91,73 @@ class CallRecord:
 
     def journal_entry(self) -> tuple[Any, ...]:
         """This record as a journal entry (see :func:`record_from_entry`)."""
-        return (ENTRY_VERSION, *_record_values(self))
+        return (
+            ENTRY_VERSION,
+            self.id,
+            None,
+            journal_fields(self),
+            (
+                self.input_tokens,
+                self.output_tokens,
+                self.cached_input_tokens,
+                self.cache_write_tokens,
+                self.reasoning_tokens,
+            ),
+            self.cost_nano_usd,
+            self.cost_source,
+            self.usage_source,
+        )
 
 
-# Journal entries: a version, then CallRecord's fields in order (plain values, marshallable).
-# Bump the version when CallRecord's fields change: entries of another version are not
-# replayed (each is counted as a "journal replay" internal error).
-ENTRY_VERSION = 1
-_record_values = operator.attrgetter(*(f.name for f in fields(CallRecord)))
+# A journal entry is made on the caller's path for every call, so it is built from C-level
+# steps (one attrgetter for most fields, marshal for the bytes) and is a tuple:
+#
+#     (ENTRY_VERSION, id or id prefix, None or id sequence, JOURNAL_FIELDS' values,
+#      the 5 token counts or None, cost_nano_usd, cost_source, usage_source)
+#
+# The id is formatted when the entry is read (format_record_id). Bump the version when the
+# layout changes: entries of another version are not replayed (each is counted as a "journal
+# replay" internal error), so once a release has written one, keep reading its layout too.
+ENTRY_VERSION = 2
+JOURNAL_FIELDS = (
+    "ts_us",
+    "user_id",
+    "properties",
+    "provider",
+    "operation",
+    "request_model",
+    "response_model",
+    "latency_us",
+    "ttft_us",
+    "status",
+    "error_type",
+    "http_status",
+    "retries",
+    "request_id",
+    "base_url",
+)
+journal_fields = operator.attrgetter(*JOURNAL_FIELDS)
+_NO_TOKENS = (0, 0, 0, 0, 0)
 
 
 def record_from_entry(entry: Any) -> CallRecord:
     """The record a journal entry holds; ValueError for an entry this version cannot read."""
-    if not isinstance(entry, tuple) or not entry or entry[0] != ENTRY_VERSION:
+    if not isinstance(entry, tuple) or len(entry) != 8 or entry[0] != ENTRY_VERSION:
         raise ValueError("not a journal entry of this llm-tally version")
-    return CallRecord(*entry[1:])
+    _, id_or_prefix, sequence, values, tokens, cost_nano_usd, cost_source, usage_source = entry
+    record_id = (
+        id_or_prefix if sequence is None else format_record_id(values[0], id_or_prefix, sequence)
+    )
+    input_tokens, output_tokens, cached, cache_write, reasoning = tokens or _NO_TOKENS
+    return CallRecord(
+        id=record_id,
+        **dict(zip(JOURNAL_FIELDS, values, strict=True)),
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cached_input_tokens=cached,
+        cache_write_tokens=cache_write,
+        reasoning_tokens=reasoning,
+        cost_nano_usd=cost_nano_usd,
+        cost_source=cost_source,
+        usage_source=usage_source,
+    )

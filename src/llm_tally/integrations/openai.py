@@ -41,7 +41,8 @@ from .._record import (
     USAGE_PROVIDER,
     USAGE_UNKNOWN,
     CallRecord,
-    new_record_id,
+    journal_fields,
+    new_record_sequence,
     record_from_entry,
 )
 from .._tally import default_tally
@@ -262,7 +263,8 @@ class _Call:
     status = STATUS_OK
     error_type: str | None = None
     raw_finish: Callable[[], None] | None = None
-    record_id: str | None = None  # set when the call is journaled (or stored)
+    # The record id's parts (new_record_sequence), drawn when the call is journaled (or stored).
+    record_sequence: tuple[str, int] | None = None
 
     def __init__(
         self,
@@ -281,7 +283,7 @@ class _Call:
         self.options = options
         self.body: dict[str, Any] | None = body
         model = body.get("model")
-        self.model: str | None = model if isinstance(model, str) else None
+        self.request_model: str | None = model if isinstance(model, str) else None
         self.provider, self.base_url = _provider(client)
         self.is_async = isinstance(client, AsyncAPIClient)
         self.user_id: str | None = None
@@ -454,48 +456,40 @@ class _Call:
         return self._entry(quick_estimate=True)
 
     def _entry(self, quick_estimate: bool) -> tuple[Any, ...]:
-        record_id = self.record_id
-        if record_id is None:
-            record_id = self.record_id = new_record_id(self.ts_us)
+        # Every call runs this on the caller's path: see _record.ENTRY_VERSION for the layout.
+        sequence = self.record_sequence
+        if sequence is None:
+            sequence = self.record_sequence = new_record_sequence()
         usage = self.usage
-        found = None if usage is None else usage_counts(usage)
+        tokens = None if usage is None else usage_counts(usage)
+        if tokens is not None:
+            return (
+                ENTRY_VERSION,
+                *sequence,
+                journal_fields(self),
+                tokens,
+                None,
+                None,
+                USAGE_PROVIDER,
+            )
         cost_nano: int | None = None
         cost_source: str | None = None
-        if found is not None:
-            tokens = found
+        usage_source = USAGE_UNKNOWN
+        if self.body_source is None and not self.billed:
             usage_source = USAGE_PROVIDER
-        else:
-            tokens = _NO_TOKENS
-            usage_source = USAGE_UNKNOWN
-            if self.body_source is None and not self.billed:
-                usage_source = USAGE_PROVIDER
-                cost_nano, cost_source = 0, COST_NOT_BILLED
-            elif self.body_source is None and quick_estimate:
-                usage_source = USAGE_ESTIMATED
-                prompt = _prompt_of(self.operation, self.body)
-                tokens = (*estimate_by_length(prompt, self.output_parts), 0, 0, 0)
+            cost_nano, cost_source = 0, COST_NOT_BILLED
+        elif self.body_source is None and quick_estimate:
+            usage_source = USAGE_ESTIMATED
+            prompt = _prompt_of(self.operation, self.body)
+            tokens = (*estimate_by_length(prompt, self.output_parts), 0, 0, 0)
         return (
             ENTRY_VERSION,
-            record_id,
-            self.ts_us,
-            self.user_id,
-            self.properties,
-            self.provider,
-            self.operation,
-            self.model,
-            self.response_model,
-            *tokens,
+            *sequence,
+            journal_fields(self),
+            tokens,
             cost_nano,
             cost_source,
-            self.latency_us,
-            self.ttft_us,
-            self.status,
-            self.error_type,
-            self.http_status,
-            self.retries,
             usage_source,
-            self.request_id,
-            self.base_url,
         )
 
     def to_record(self) -> CallRecord:

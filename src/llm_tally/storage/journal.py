@@ -16,7 +16,7 @@ process that is gone, and whoever locks it first replays it.
 
 A frame is ``u32 length | u32 crc32 | payload`` with the payload marshalled by the caller.
 The high bit of the length marks a record that was only journaled (the queue was full).
-The header is written after the payload, so a frame torn by a kill reads as the end.
+A frame torn by a kill (in the middle of its copy) fails its CRC and reads as the end.
 """
 
 from __future__ import annotations
@@ -113,9 +113,9 @@ class Segment:
         if stop > self.end:
             return False
         self.written = stop
-        self.map[start + 8 : stop] = payload
-        _FRAME.pack_into(
-            self.map, start, len(payload) | (_SPILLED if spilled else 0), zlib.crc32(payload)
+        # One copy, header first: a frame torn by a kill in the middle fails its CRC.
+        self.map[start:stop] = (
+            _FRAME.pack(len(payload) | (_SPILLED if spilled else 0), zlib.crc32(payload)) + payload
         )
         if spilled:
             self.spilled += 1
