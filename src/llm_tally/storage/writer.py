@@ -206,7 +206,11 @@ class BackgroundWriter:
             report_internal_error("journal entry", exc)
             payload = None
         with journal.lock:
-            journaled = payload is not None and self._journal_append(journal, payload, full)
+            segment = journal.current
+            journaled = payload is not None and (
+                (segment is not None and segment.append(payload, full))
+                or self._append_to_new_segment(journal, payload, full)
+            )
             if full:
                 if journaled:
                     self.stats.spilled += 1
@@ -224,13 +228,11 @@ class BackgroundWriter:
         if len(queue) >= self._batch_size:
             self._wake.set()
 
-    def _journal_append(self, journal: Journal, payload: bytes, spilled: bool) -> bool:
-        """Write one frame (journal lock held), starting a new segment when this one is full."""
-        segment = journal.current
-        if segment is None:
+    def _append_to_new_segment(self, journal: Journal, payload: bytes, spilled: bool) -> bool:
+        """Write one frame that did not fit in the current segment (journal lock held) into a
+        new one."""
+        if journal.current is None:
             return False
-        if segment.append(payload, spilled):
-            return True
         # Rotating queues the old segment: it is deleted once the records before it are stored.
         self._queue.append(journal.rotate())
         self._wake.set()
@@ -354,6 +356,10 @@ class BackgroundWriter:
     def _release(self, markers: list[_FlushMarker]) -> list[_FlushMarker]:
         """Wake flushers, unless spilled records still wait in the journal (then keep them)."""
         if markers and not self.spill_waiting:
+            if self._journal is not None:
+                # A flush rotated the segment: create the next one before the flusher goes on,
+                # or its syscalls compete with the app's next calls for the GIL.
+                self._journal.prepare_spare()
             for marker in markers:
                 marker.done.set()
             return []
