@@ -19,8 +19,9 @@ so that drift (CPU frequency, cache warmth, other load) hits all of them equally
   whose background writer prices and inserts while the calls run (it shares the GIL);
 - ``instr. writer idle``: the same hooks, recorded by a second Tally whose writer only runs
   when flushed, so the numbers show the hooks' own cost without the writer competing;
-- ``instr. no journal``: like ``instrumented`` with the crash journal off
-  (``Tally(journal=False)``): the difference to ``instrumented`` is the journal's cost.
+- ``idle, no journal``: like ``instr. writer idle`` with the crash journal off
+  (``Tally(journal=False)``): the hooks alone; the difference to ``instr. writer idle`` is
+  the journal's cost.
 
 After every block the Tallies are flushed outside the timed calls; "cpu/call" is the process
 CPU time (all threads) of the block plus that flush: the full cost of a recorded call,
@@ -238,14 +239,15 @@ async def async_stream_call(client: openai.AsyncOpenAI) -> int:
 BARE = "bare"
 INSTRUMENTED = "instrumented"
 IDLE_WRITER = "instr. writer idle"
-NO_JOURNAL = "instr. no journal"
+NO_JOURNAL = "idle, no journal"
 MODES = (BARE, INSTRUMENTED, IDLE_WRITER, NO_JOURNAL)
 RECORDING = (INSTRUMENTED, IDLE_WRITER, NO_JOURNAL)
 
 
 class Modes:
-    """The two Tallies: one with default writer settings, one whose writer only runs when
-    flushed (between blocks), to separate the hooks' own cost from the writer's."""
+    """The three Tallies: one with default writer settings, and two whose writers only run
+    when flushed (between blocks), with and without the journal: they separate the hooks'
+    own cost, the journal's and the writer's."""
 
     def __init__(self, tmp: Path) -> None:
         self.tally = Tally(f"sqlite:///{tmp / 'bench.db'}")
@@ -255,7 +257,13 @@ class Modes:
             batch_size=1_000_000,
             max_queue=1_000_000,
         )
-        self.no_journal = Tally(f"sqlite:///{tmp / 'bench-no-journal.db'}", journal=False)
+        self.no_journal = Tally(
+            f"sqlite:///{tmp / 'bench-no-journal.db'}",
+            flush_interval=3600.0,
+            batch_size=1_000_000,
+            max_queue=1_000_000,
+            journal=False,
+        )
 
     def enter(self, mode: str) -> llm_tally.user:
         """Install or remove the hooks for ``mode``; the user scope the block runs in."""
@@ -371,7 +379,7 @@ def measure_user_scope(iterations: int) -> float:
 def profile_calls(modes: Modes, name: str, call: Callable[[], int], calls: int) -> None:
     """cProfile ``calls`` bare and instrumented calls; print what the instrumented ones add."""
     profiled: dict[str, dict[Any, Any]] = {}
-    for mode in (BARE, IDLE_WRITER):
+    for mode in (BARE, NO_JOURNAL):
         with modes.enter(mode):
             for _ in range(100):
                 call()
@@ -384,7 +392,7 @@ def profile_calls(modes: Modes, name: str, call: Callable[[], int], calls: int) 
         profiler.create_stats()
         profiled[mode] = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
     llm_tally.instrument_openai()
-    bare, inst = profiled[BARE], profiled[IDLE_WRITER]
+    bare, inst = profiled[BARE], profiled[NO_JOURNAL]
     extra_calls = (sum(v[1] for v in inst.values()) - sum(v[1] for v in bare.values())) / calls
     extra_own = (sum(v[2] for v in inst.values()) - sum(v[2] for v in bare.values())) / calls
     print(

@@ -14,14 +14,20 @@ path are timed on those very calls, in a tight loop, best of ``--rounds``:
 - ``journal append``: what ``BackgroundWriter.submit`` does with a journal, minus queueing:
   entry, encoding, the journal lock and the copy into the memory-mapped segment.
 
-``bench_call_overhead.py`` measures whole calls (mode ``instr. no journal`` vs
-``instrumented``); on a noisy machine this isolated figure is the sharper one.
+A tight loop runs with warm caches; a real call does not: the SDK's own work in between
+evicts what the journal touches. So the same ``submit`` is also timed **in place**, inside
+real calls (``--calls`` of them, in alternating blocks of 200 with and without a journal):
+the difference of the two medians is the journal's cost where it runs.
+
+``bench_call_overhead.py`` measures whole calls (mode ``idle, no journal`` vs
+``instr. writer idle``); on a noisy machine these isolated figures are the sharper ones.
 """
 
 from __future__ import annotations
 
 import argparse
 import marshal
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -54,11 +60,46 @@ def finished_calls(directory: Path, calls: int) -> list[Any]:
     return found
 
 
+def submit_in_place(directory: Path, calls: int, block: int = 200) -> dict[str, list[float]]:
+    """µs per ``BackgroundWriter.submit`` inside real calls, with and without a journal."""
+    client = mock_chat_client()
+    tallies = {
+        journal: Tally(
+            f"sqlite:///{directory / f'in-place-{journal}.db'}",
+            flush_interval=3600.0,
+            batch_size=10_000_000,
+            max_queue=10_000_000,
+            journal=journal == "journal",
+        )
+        for journal in ("journal", "no journal")
+    }
+    times: dict[str, list[float]] = {name: [] for name in tallies}
+    for name, tally in tallies.items():
+
+        def timed(item: Any, submit: Any = tally._writer.submit, out: Any = times[name]) -> None:
+            started = time.perf_counter_ns()
+            submit(item)
+            out.append((time.perf_counter_ns() - started) / 1000)
+
+        tally._writer.submit = timed  # type: ignore[method-assign]
+    for _ in range(-(-calls // block)):
+        for tally in tallies.values():
+            with llm_tally.user("user-123", plan="pro", feature="chat", tally=tally):
+                for _ in range(block):
+                    client.chat.completions.create(
+                        model="gpt-4o-mini",
+                        messages=[{"role": "user", "content": "Capital of France?"}],
+                    )
+    for tally in tallies.values():
+        tally.close()
+    return times
+
+
 def best_per_call(step: Any, items: list[Any], rounds: int) -> float:
     best = float("inf")
     for _ in range(rounds):
         for item in items:
-            item.record_id = None  # each round makes its entries afresh
+            item.record_sequence = None  # each round makes its entries afresh
         started = time.perf_counter()
         for item in items:
             step(item)
@@ -96,6 +137,17 @@ def main() -> None:
         for name, step in steps:
             print(f"  {name:18s} {best_per_call(step, items, args.rounds):6.2f}")
         journal.close(delete=True)
+        print()
+        print(f"BackgroundWriter.submit in place, inside {args.calls:,} real calls each, µs")
+        in_place = submit_in_place(Path(tmp), args.calls)
+        for name, values in in_place.items():
+            values.sort()
+            print(
+                f"  {name:18s} median {statistics.median(values):6.2f}"
+                f"   p90 {values[int(len(values) * 0.9)]:6.2f}"
+            )
+        added = statistics.median(in_place["journal"]) - statistics.median(in_place["no journal"])
+        print(f"  the journal adds   {added:6.2f} (difference of the medians)")
 
 
 if __name__ == "__main__":
