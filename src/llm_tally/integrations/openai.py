@@ -449,14 +449,12 @@ class _Call:
                 self.scope.open_calls.discard(self)
         self.tally.submit(self)
 
-    def journal_entry(self) -> tuple[Any, ...]:
+    def journal_entry(self, quick_estimate: bool = True) -> tuple[Any, ...]:
         """The call as a journal entry, made on the caller's path: complete when the usage
         object is in hand, else estimated by length; a raw body is left to the writer
-        (``usage_source="unknown"`` if the process dies first)."""
-        return self._entry(quick_estimate=True)
-
-    def _entry(self, quick_estimate: bool) -> tuple[Any, ...]:
-        # Every call runs this on the caller's path: see _record.ENTRY_VERSION for the layout.
+        (``usage_source="unknown"`` if the process dies first). See _record.ENTRY_VERSION
+        for the layout. The writer thread passes ``quick_estimate=False``, and completes
+        what is left unknown itself."""
         sequence = self.record_sequence
         if sequence is None:
             sequence = self.record_sequence = new_record_sequence()
@@ -494,7 +492,7 @@ class _Call:
 
     def to_record(self) -> CallRecord:
         """Writer thread: the journal entry, completed from a raw body or by an estimate."""
-        record = record_from_entry(self._entry(quick_estimate=False))
+        record = record_from_entry(self.journal_entry(quick_estimate=False))
         if record.usage_source != USAGE_UNKNOWN:
             return record
         try:
