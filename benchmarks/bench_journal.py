@@ -17,7 +17,9 @@ path are timed on those very calls, in a tight loop, best of ``--rounds``:
 A tight loop runs with warm caches; a real call does not: the SDK's own work in between
 evicts what the journal touches. So the same ``submit`` is also timed **in place**, inside
 real calls (``--calls`` of them, in alternating blocks of 200 with and without a journal):
-the difference of the two medians is the journal's cost where it runs.
+the difference of the two medians is the journal's cost where it runs. A third mode, the
+``journal floor``, writes a constant 8-field entry instead of the call's: what any journal
+written from Python costs on this path, whatever its entry.
 
 ``bench_call_overhead.py`` measures whole calls (mode ``idle, no journal`` vs
 ``instr. writer idle``); on a noisy machine these isolated figures are the sharper ones.
@@ -61,27 +63,30 @@ def finished_calls(directory: Path, calls: int) -> list[Any]:
 
 
 def submit_in_place(directory: Path, calls: int, block: int = 200) -> dict[str, list[float]]:
-    """µs per ``BackgroundWriter.submit`` inside real calls, with and without a journal."""
+    """µs per ``BackgroundWriter.submit`` inside real calls: with and without a journal, and
+    the floor of a journal write (a constant entry encoded, the lock, the copy, queueing)."""
     client = mock_chat_client()
     tallies = {
-        journal: Tally(
-            f"sqlite:///{directory / f'in-place-{journal}.db'}",
+        mode: Tally(
+            f"sqlite:///{directory / f'in-place-{n}.db'}",
             flush_interval=3600.0,
             batch_size=10_000_000,
             max_queue=10_000_000,
-            journal=journal == "journal",
+            journal=mode != "no journal",
         )
-        for journal in ("journal", "no journal")
+        for n, mode in enumerate(IN_PLACE)
     }
     times: dict[str, list[float]] = {name: [] for name in tallies}
     for name, tally in tallies.items():
+        writer = tally._writer
+        submit = writer.submit if name != "journal floor" else floor_submit(writer)
 
-        def timed(item: Any, submit: Any = tally._writer.submit, out: Any = times[name]) -> None:
+        def timed(item: Any, submit: Any = submit, out: Any = times[name]) -> None:
             started = time.perf_counter_ns()
             submit(item)
             out.append((time.perf_counter_ns() - started) / 1000)
 
-        tally._writer.submit = timed  # type: ignore[method-assign]
+        writer.submit = timed  # type: ignore[method-assign]
     for _ in range(-(-calls // block)):
         for tally in tallies.values():
             with llm_tally.user("user-123", plan="pro", feature="chat", tally=tally):
@@ -93,6 +98,23 @@ def submit_in_place(directory: Path, calls: int, block: int = 200) -> dict[str, 
     for tally in tallies.values():
         tally.close()
     return times
+
+
+IN_PLACE = ("journal", "no journal", "journal floor")
+CONSTANT_ENTRY = (0,) * 8
+
+
+def floor_submit(writer: Any) -> Any:
+    """The least a journal write can do: encode a constant, copy it in under the lock."""
+    journal, queue = writer.journal, writer._queue
+
+    def submit(item: Any) -> None:
+        payload = marshal.dumps(CONSTANT_ENTRY, 2)
+        with journal.lock:
+            journal.current.append(payload, False)
+            queue.append(item)
+
+    return submit
 
 
 def best_per_call(step: Any, items: list[Any], rounds: int) -> float:
@@ -146,8 +168,12 @@ def main() -> None:
                 f"  {name:18s} median {statistics.median(values):6.2f}"
                 f"   p90 {values[int(len(values) * 0.9)]:6.2f}"
             )
-        added = statistics.median(in_place["journal"]) - statistics.median(in_place["no journal"])
-        print(f"  the journal adds   {added:6.2f} (difference of the medians)")
+        without = statistics.median(in_place["no journal"])
+        added = statistics.median(in_place["journal"]) - without
+        floor = statistics.median(in_place["journal floor"]) - without
+        print(
+            f"  the journal adds   {added:6.2f} (difference of the medians); its floor {floor:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -36,8 +36,9 @@ os.register_at_fork(after_in_child=_new_id_prefix)
 def new_record_id(ts_us: int | None = None) -> str:
     """A 32-hex-digit id: time-ordered (good for B-tree inserts) and unique across processes
     (a random 32-bit prefix per process, then a per-process sequence)."""
-    ts_ns = time.time_ns() if ts_us is None else ts_us * 1000
-    return format_record_id(ts_ns // 1000, _id_prefix, next(_id_sequence))
+    if ts_us is None:
+        ts_us = time.time_ns() // 1000
+    return format_record_id(ts_us, _id_prefix, next(_id_sequence))
 
 
 def new_record_sequence() -> tuple[str, int]:
@@ -47,6 +48,7 @@ def new_record_sequence() -> tuple[str, int]:
 
 
 def format_record_id(ts_us: int, prefix: str, sequence: int) -> str:
+    """The id of a record made at ``ts_us`` (see :func:`new_record_id`)."""
     return f"{ts_us * 1000:016x}{prefix}{sequence & 0xFFFFFFFF:08x}"
 
 
