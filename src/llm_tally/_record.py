@@ -98,13 +98,7 @@ class CallRecord:
             self.id,
             None,
             journal_fields(self),
-            (
-                self.input_tokens,
-                self.output_tokens,
-                self.cached_input_tokens,
-                self.cache_write_tokens,
-                self.reasoning_tokens,
-            ),
+            token_counts(self),
             self.cost_nano_usd,
             self.cost_source,
             self.usage_source,
@@ -139,7 +133,16 @@ JOURNAL_FIELDS = (
     "base_url",
 )
 journal_fields = operator.attrgetter(*JOURNAL_FIELDS)
-_NO_TOKENS = (0, 0, 0, 0, 0)
+# The token counts, in the order usage_counts() gives them.
+TOKEN_FIELDS = (
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+)
+token_counts = operator.attrgetter(*TOKEN_FIELDS)
+_NO_TOKENS = (0,) * len(TOKEN_FIELDS)
 
 
 def record_from_entry(entry: Any) -> CallRecord:
@@ -150,15 +153,10 @@ def record_from_entry(entry: Any) -> CallRecord:
     record_id = (
         id_or_prefix if sequence is None else format_record_id(values[0], id_or_prefix, sequence)
     )
-    input_tokens, output_tokens, cached, cache_write, reasoning = tokens or _NO_TOKENS
     return CallRecord(
         id=record_id,
         **dict(zip(JOURNAL_FIELDS, values, strict=True)),
-        input_tokens=input_tokens,
-        output_tokens=output_tokens,
-        cached_input_tokens=cached,
-        cache_write_tokens=cache_write,
-        reasoning_tokens=reasoning,
+        **dict(zip(TOKEN_FIELDS, tokens or _NO_TOKENS, strict=True)),
         cost_nano_usd=cost_nano_usd,
         cost_source=cost_source,
         usage_source=usage_source,

@@ -73,7 +73,6 @@ _HELICONE_PROPERTY = "helicone-property-"
 _TAIL_BYTES = 64 * 1024
 _HEAD_BYTES = 4 * 1024
 COST_NOT_BILLED = "not-billed"
-_NO_TOKENS = (0, 0, 0, 0, 0)
 
 # The call in flight in this task/thread, so the _process_response hook can attach to it.
 _active_call: ContextVar[_Call | None] = ContextVar("llm_tally_openai_call", default=None)
@@ -460,26 +459,18 @@ class _Call:
             sequence = self.record_sequence = new_record_sequence()
         usage = self.usage
         tokens = None if usage is None else usage_counts(usage)
-        if tokens is not None:
-            return (
-                ENTRY_VERSION,
-                *sequence,
-                journal_fields(self),
-                tokens,
-                None,
-                None,
-                USAGE_PROVIDER,
-            )
         cost_nano: int | None = None
         cost_source: str | None = None
-        usage_source = USAGE_UNKNOWN
-        if self.body_source is None and not self.billed:
-            usage_source = USAGE_PROVIDER
-            cost_nano, cost_source = 0, COST_NOT_BILLED
-        elif self.body_source is None and quick_estimate:
-            usage_source = USAGE_ESTIMATED
-            prompt = _prompt_of(self.operation, self.body)
-            tokens = (*estimate_by_length(prompt, self.output_parts), 0, 0, 0)
+        usage_source = USAGE_PROVIDER
+        if tokens is None:
+            usage_source = USAGE_UNKNOWN
+            if self.body_source is None and not self.billed:
+                usage_source = USAGE_PROVIDER
+                cost_nano, cost_source = 0, COST_NOT_BILLED
+            elif self.body_source is None and quick_estimate:
+                usage_source = USAGE_ESTIMATED
+                prompt = _prompt_of(self.operation, self.body)
+                tokens = (*estimate_by_length(prompt, self.output_parts), 0, 0, 0)
         return (
             ENTRY_VERSION,
             *sequence,

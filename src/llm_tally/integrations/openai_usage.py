@@ -9,6 +9,8 @@ from typing import Any
 
 from openai.types import CompletionUsage
 
+from .._record import token_counts
+
 _USAGE_KEY = b'"usage"'
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"]{1,256})"')
 
@@ -108,13 +110,8 @@ def usage_counts(usage: Any) -> Counts | None:
     found = usage if isinstance(usage, Usage) else read_usage(usage)
     if found is None:
         return None
-    return (
-        found.input_tokens,
-        found.output_tokens,
-        found.cached_input_tokens,
-        found.cache_write_tokens,
-        found.reasoning_tokens,
-    )
+    found_counts: Counts = token_counts(found)
+    return found_counts
 
 
 @dataclass(slots=True)
