@@ -889,10 +889,7 @@ class _SyncTap(httpx2.SyncByteStream):
         tail = self._tail
         try:
             for chunk in self._inner:
-                try:
-                    tail.add(chunk)
-                except Exception as exc:
-                    report_internal_error("tap raw body", exc)
+                guard("tap raw body", tail.add, chunk)
                 yield chunk
         except Exception as exc:
             tail.error = type(exc).__name__
@@ -911,10 +908,7 @@ class _AsyncTap(httpx2.AsyncByteStream):
         tail = self._tail
         try:
             async for chunk in self._inner:
-                try:
-                    tail.add(chunk)
-                except Exception as exc:
-                    report_internal_error("tap raw body", exc)
+                guard("tap raw body", tail.add, chunk)
                 yield chunk
         except Exception as exc:
             tail.error = type(exc).__name__
