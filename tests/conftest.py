@@ -85,6 +85,21 @@ def db_url(tmp_path: Any) -> str:
 
 
 @pytest.fixture
+def opened() -> Iterator[list[Tally]]:
+    """Tallies a test opens (with :func:`open_tally`): closed at its end, even when it fails."""
+    tallies: list[Tally] = []
+    yield tallies
+    for tally in tallies:
+        tally.close()
+
+
+def open_tally(opened: list[Tally], url: str, **options: Any) -> Tally:
+    tally = Tally(url, instrument=False, **options)
+    opened.append(tally)
+    return tally
+
+
+@pytest.fixture
 def tally(db_url: str) -> Iterator[Tally]:
     t = Tally(db_url)
     yield t

@@ -31,7 +31,7 @@ from llm_tally.storage.engine import create_store_engine
 from llm_tally.storage.models import ROLLUP_TABLES, usage_table
 from llm_tally.storage.schema import VERSION_TABLE, StoreNotUpgraded
 
-from .conftest import POSTGRES_URL
+from .conftest import POSTGRES_URL, open_tally
 from .stores_0_1 import SCHEMA_1, SCHEMA_2, create_store
 from .test_rollups import (
     PERIODS,
@@ -58,20 +58,6 @@ def engine(store_url: str) -> Iterator[Engine]:
     engine = create_store_engine(store_url)
     yield engine
     engine.dispose()
-
-
-@pytest.fixture
-def opened() -> Iterator[list[Tally]]:
-    tallies: list[Tally] = []
-    yield tallies
-    for tally in tallies:
-        tally.close()
-
-
-def open_tally(opened: list[Tally], url: str, **options: Any) -> Tally:
-    tally = Tally(url, instrument=False, **options)
-    opened.append(tally)
-    return tally
 
 
 def drop_everything(engine: Engine) -> None:

@@ -19,7 +19,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -47,6 +47,7 @@ from llm_tally.storage.models import (
     usage_table,
 )
 from llm_tally.storage.writer import COLUMNS, _insert_sqlite, row_of
+from tests.conftest import open_tally
 from tests.stores_0_1 import create_store
 from tests.test_insights import Call as InsightCall
 from tests.test_insights import anomaly_calls, anomaly_rows, expected_anomalies
@@ -694,21 +695,6 @@ def max_rowid(engine: Engine) -> int:
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'usage.db'}"
-
-
-@pytest.fixture
-def opened() -> Iterator[list[Tally]]:
-    """Tallies a test opens: closed at its end, even when it fails."""
-    tallies: list[Tally] = []
-    yield tallies
-    for tally in tallies:
-        tally.close()
-
-
-def open_tally(opened: list[Tally], url: str, **options: Any) -> Tally:
-    tally = Tally(url, instrument=False, **options)
-    opened.append(tally)
-    return tally
 
 
 # -- 1. reports equal the Python truth -------------------------------------------------------
