@@ -38,7 +38,6 @@ def row_of(record: CallRecord) -> Row:
 class WriterStats:
     """Counters of one writer; read them through ``Tally.stats()``."""
 
-    queued: int = 0
     written: int = 0
     dropped: int = 0
     #: Records that found the queue full and waited in the journal on disk instead.
@@ -349,7 +348,6 @@ class BackgroundWriter:
                 and self._quiet_or_due()
             ):
                 self._catch_up()
-            self.stats.queued = len(self._queue) + len(pending)
             if self._stopping and not self._queue and not pending:
                 return
 
@@ -444,10 +442,7 @@ class BackgroundWriter:
                 else:
                     inserted = self._insert_postgres(conn, rows)
         except Exception as exc:
-            self.stats.write_errors += 1
-            self.stats.last_write_error = f"{type(exc).__name__}: {exc}"[:500]
-            self.stats.last_write_error_at = time.time()
-            if self.stats.write_errors == 1 or self.stats.write_errors % 100 == 0:
+            if self._note_write_error("", exc):
                 logger.warning(
                     "llm-tally: storing %d record(s) failed (%s); they stay queued and will be "
                     "retried",
@@ -461,6 +456,14 @@ class BackgroundWriter:
             self._not_rolled_up += inserted
             self._last_insert = time.monotonic()
         return inserted
+
+    def _note_write_error(self, prefix: str, exc: Exception) -> bool:
+        """Count a failed write in the stats; whether to log it (the first, then every 100th)."""
+        stats = self.stats
+        stats.write_errors += 1
+        stats.last_write_error = f"{prefix}{type(exc).__name__}: {exc}"[:500]
+        stats.last_write_error_at = time.time()
+        return stats.write_errors == 1 or stats.write_errors % 100 == 0
 
     @staticmethod
     def _insert_postgres(conn: Connection, rows: list[Row]) -> int:
@@ -492,10 +495,7 @@ class BackgroundWriter:
         try:
             rollups.catch_up(self._engine)
         except Exception as exc:
-            self.stats.write_errors += 1
-            self.stats.last_write_error = f"rollup: {type(exc).__name__}: {exc}"[:500]
-            self.stats.last_write_error_at = time.time()
-            if self.stats.write_errors == 1 or self.stats.write_errors % 100 == 0:
+            if self._note_write_error("rollup: ", exc):
                 logger.warning("llm-tally: rolling up stored records failed (%s)", exc)
             self._retry_catch_up_at = time.monotonic() + 5.0
             return
